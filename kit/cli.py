@@ -1,0 +1,153 @@
+"""The `kit` command line: parses options, calls one function, prints one closing line.
+
+Heavy libraries (torch, timm, transformers) are imported inside the commands that need them, so
+`kit --help`, `kit folds` and `kit submit` start in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from kit.errors import KitError
+
+ROOT = click.option(
+    "--root",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Project folder holding folds/, runs/, ensembles/, submissions/.",
+)
+
+
+class KitGroup(click.Group):
+    """Turns a KitError anywhere below into one line on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except KitError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="kit")
+def main() -> None:
+    """kit: folds, fold training, honest OOF ensembles, submissions and offline bundles."""
+
+
+@main.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("-k", "--folds", "k", default=5, show_default=True, help="Number of folds.")
+@click.option("--seed", default=42, show_default=True)
+@click.option("--layout", type=click.Choice(["dacon", "kaggle"]), help="Override the detected layout.")
+@click.option(
+    "--sample", type=click.Path(path_type=Path), help="Sample submission (default DATA_DIR/sample_submission.csv)."
+)
+@click.option(
+    "--train-csv", type=click.Path(path_type=Path), help="Kaggle training table (default DATA_DIR/train.csv)."
+)
+@click.option(
+    "--test-csv", type=click.Path(path_type=Path), help="Test id -> file table (default DATA_DIR/test.csv if present)."
+)
+@click.option("--train-dir", type=click.Path(path_type=Path), help="Training image folder.")
+@click.option("--test-dir", type=click.Path(path_type=Path), help="Test image folder.")
+@click.option("--id-col", help="Column of train.csv holding the image id or file name.")
+@click.option("--label-col", help="Column of train.csv holding the class name.")
+@click.option(
+    "--merge-classes",
+    type=click.Path(path_type=Path),
+    help='JSON list of classes the organisers declared identical: [["a", "b"], ...].',
+)
+@click.option("--skip-bad", is_flag=True, help="Drop unreadable training images (and list them) instead of stopping.")
+@click.option(
+    "--max-distance",
+    default=6,
+    show_default=True,
+    help="Largest perceptual-hash Hamming distance (of 64 bits) counted as a near-duplicate.",
+)
+@click.option("--workers", type=int, help="Processes decoding images (default: all cores).")
+@ROOT
+def folds(
+    data_dir,
+    k,
+    seed,
+    layout,
+    sample,
+    train_csv,
+    test_csv,
+    train_dir,
+    test_dir,
+    id_col,
+    label_col,
+    merge_classes,
+    skip_bad,
+    max_distance,
+    workers,
+    root,
+) -> None:
+    """Make stratified, de-duplicated K folds.
+
+    Reads DATA_DIR (Dacon or Kaggle layout), decodes every image once, groups near-duplicates so they
+    share a fold and writes folds/train.csv, folds/test.csv and folds/classes.json.
+    """
+    from kit.data import LayoutOptions
+    from kit.folds import make_folds
+
+    options = LayoutOptions(layout, sample, train_csv, test_csv, train_dir, test_dir, id_col, label_col)
+    s = make_folds(data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, workers)
+    for line in s.skipped:
+        click.echo(f"skipped: {line}", err=True)
+    if s.duplicate_pairs_train_test:
+        click.echo(
+            f"warning: {s.duplicate_pairs_train_test} near-duplicate pairs between train and test "
+            "(leakage: those test images have a twin in train)",
+            err=True,
+        )
+    if s.small_classes:
+        click.echo(
+            f"warning: {len(s.small_classes)} classes have fewer than {k} images "
+            f"(e.g. {s.small_classes[0]!r}); some folds will not see them",
+            err=True,
+        )
+    click.echo(
+        f"wrote {root / 'folds'}: {s.n_train} train rows in {s.k} folds, {s.n_test} test rows, "
+        f"{s.n_groups} groups ({s.duplicate_pairs_train} near-duplicate pairs in train), "
+        f"sha256 {s.sha256[:12]}"
+    )
+
+
+@main.command()
+@click.argument("name")
+@click.option("--out", type=click.Path(path_type=Path), help="CSV to write (default submissions/NAME.csv).")
+@ROOT
+def submit(name, out, root) -> None:
+    """Write submissions/NAME.csv from a run or ensemble.
+
+    NAME is a run (runs/NAME) or an ensemble (ensembles/NAME) made from the current folds.
+    """
+    from kit.submit import write_submission
+
+    s = write_submission(root, name, out)
+    click.echo(f"wrote {s.path}: {s.rows} rows x {s.columns} classes")
+
+
+@main.command("check-submission")
+@click.argument("csv_file", type=click.Path(path_type=Path))
+@click.option("--sample", type=click.Path(path_type=Path), required=True, help="The organisers' sample submission.")
+def check_submission_command(csv_file, sample) -> None:
+    """Validate a CSV against the sample submission.
+
+    Checks the header and its order, the ids and their order, NaN/inf, values in [0, 1] and row sums.
+    """
+    from kit.submit import check_submission
+
+    s = check_submission(csv_file, sample)
+    click.echo(f"ok {s.path}: {s.rows} rows x {s.columns} classes match {sample}")
+
+
+if __name__ == "__main__":
+    main()

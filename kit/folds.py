@@ -1,0 +1,240 @@
+"""Stage 1: stratified, near-duplicate-grouped K folds, made once and shared by every model.
+
+    summary = make_folds(Path("data"), root=Path("."), k=5, seed=42)
+    folds = load_folds(Path("."))   # what every later stage reads
+
+Writes folds/train.csv (id,path,label,fold,group), folds/test.csv (id,path) and folds/classes.json
+(class order, equivalence groups, K, seed, the sha256 of train.csv). Same inputs, byte-identical files.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from kit.data import Competition, LayoutOptions, check_classes, read_competition
+from kit.dedup import group_ids, near_duplicate_pairs
+from kit.errors import KitError
+from kit.images import ImageInfo, inspect_image
+from kit.io import read_json, sha256_file, write_json, write_text
+
+FOLDS_DIR = "folds"
+
+
+@dataclass
+class Folds:
+    """The folds as every later stage sees them; `train.path` and `test.path` are absolute."""
+
+    root: Path
+    train: pd.DataFrame  # id, path, label, fold, group, y (class index)
+    test: pd.DataFrame  # id, path
+    classes: list[str]
+    merge_groups: list[list[int]]  # class indices declared identical by the organisers
+    k: int
+    seed: int
+    sha256: str
+    meta: dict
+
+    @property
+    def labels(self) -> np.ndarray:
+        return self.train["y"].to_numpy()
+
+    @property
+    def fold_of_row(self) -> np.ndarray:
+        return self.train["fold"].to_numpy()
+
+
+@dataclass
+class FoldsSummary:
+    n_train: int
+    n_test: int
+    k: int
+    n_groups: int
+    duplicate_pairs_train: int
+    duplicate_pairs_train_test: int
+    skipped: list[str]
+    small_classes: list[str]
+    sha256: str
+
+
+def inspect_all(paths: Sequence[Path], workers: int | None = None, desc: str = "checking images") -> list:
+    """Decode every file once, in parallel; returns ImageInfo or a reason string per path."""
+    workers = workers or os.cpu_count() or 1
+    bar = {"total": len(paths), "desc": desc, "unit": "img", "leave": False}
+    if workers == 1 or len(paths) < 64:
+        return [inspect_image(p) for p in tqdm(paths, **bar)]
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(inspect_image, paths, chunksize=32), **bar))
+
+
+def _split_bad(paths: Sequence[Path], infos: list) -> tuple[np.ndarray, list[str]]:
+    bad = [f"{path}: {info}" for path, info in zip(paths, infos, strict=True) if not isinstance(info, ImageInfo)]
+    good = np.array([isinstance(info, ImageInfo) for info in infos], dtype=bool)
+    return good, bad
+
+
+def read_merge_groups(path: Path | None, classes: Sequence[str]) -> list[list[str]]:
+    """A JSON list of class-name lists that the organisers declared identical."""
+    if path is None:
+        return []
+    try:
+        groups = read_json(path)
+    except (OSError, ValueError) as e:
+        raise KitError(f"{path}: cannot read class-equivalence groups ({e})") from None
+    if not isinstance(groups, list) or not all(isinstance(g, list) and len(g) >= 2 for g in groups):
+        raise KitError(f'{path}: expected a JSON list of class lists, e.g. [["a", "b"], ["c", "d", "e"]]')
+    known, seen = set(classes), set()
+    for group in groups:
+        for name in group:
+            if name not in known:
+                raise KitError(f"{path}: class {name!r} is not a column of the sample submission")
+            if name in seen:
+                raise KitError(f"{path}: class {name!r} is in two groups")
+            seen.add(name)
+    return groups
+
+
+def assign_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> np.ndarray:
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if len(np.unique(groups)) < k:
+        raise KitError(f"-k {k}: only {len(np.unique(groups))} distinct image groups; use fewer folds")
+    fold = np.full(len(labels), -1, dtype=np.int64)
+    with warnings.catch_warnings():  # classes smaller than k are reported in the summary instead
+        warnings.simplefilter("ignore", UserWarning)
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        for f, (_, valid) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
+            fold[valid] = f
+    return fold
+
+
+def make_folds(
+    data_dir: Path,
+    root: Path = Path("."),
+    k: int = 5,
+    seed: int = 42,
+    options: LayoutOptions | None = None,
+    merge_classes: Path | None = None,
+    skip_bad: bool = False,
+    max_distance: int = 6,
+    workers: int | None = None,
+) -> FoldsSummary:
+    if k < 2:
+        raise KitError(f"-k {k}: need at least 2 folds")
+    comp = read_competition(data_dir, options)
+    merge_names = read_merge_groups(merge_classes, comp.classes)
+    check_classes(comp.train, comp.sample, str(data_dir), merge_names)
+
+    train_paths = [comp.data_dir / p for p in comp.train["path"]]
+    test_paths = [comp.data_dir / p for p in comp.test["path"]]
+    infos = inspect_all(train_paths + test_paths, workers)
+    train_info, test_info = infos[: len(train_paths)], infos[len(train_paths) :]
+    good, bad_train = _split_bad(train_paths, train_info)
+    _, bad_test = _split_bad(test_paths, test_info)
+    if bad_test:
+        raise KitError(
+            f"{bad_test[0]} (a test image: every test id needs a prediction; {len(bad_test)} bad test images)"
+        )
+    if bad_train and not skip_bad:
+        raise KitError(f"{bad_train[0]} ({len(bad_train)} bad training images; --skip-bad drops them)")
+    train = comp.train[good].reset_index(drop=True)
+    train_info = [info for info, ok in zip(train_info, good, strict=True) if ok]
+    check_classes(train, comp.sample, str(data_dir), merge_names)
+
+    train_hash = np.array([i.phash for i in train_info], dtype=np.uint64)
+    test_hash = np.array([i.phash for i in test_info], dtype=np.uint64)
+    pairs = near_duplicate_pairs(train_hash, max_distance=max_distance)
+    cross = near_duplicate_pairs(train_hash, test_hash, max_distance=max_distance)
+    train["group"] = group_ids(len(train), pairs)
+    labels = train["label"].map({c: i for i, c in enumerate(comp.classes)}).to_numpy()
+    train["fold"] = assign_folds(labels, train["group"].to_numpy(), k, seed)
+
+    counts = train["label"].value_counts()
+    small = [c for c in comp.classes if 0 < counts.get(c, 0) < k]
+    return _write_folds(
+        root,
+        comp,
+        train,
+        merge_names,
+        k,
+        seed,
+        max_distance,
+        FoldsSummary(
+            len(train), len(comp.test), k, int(train["group"].nunique()), len(pairs), len(cross), bad_train, small, ""
+        ),
+        cross_label_pairs=int((labels[pairs[:, 0]] != labels[pairs[:, 1]]).sum()),
+    )
+
+
+def _write_folds(
+    root: Path,
+    comp: Competition,
+    train: pd.DataFrame,
+    merge_names: list[list[str]],
+    k: int,
+    seed: int,
+    max_distance: int,
+    summary: FoldsSummary,
+    cross_label_pairs: int,
+) -> FoldsSummary:
+    out = Path(root) / FOLDS_DIR
+    train_csv = train[["id", "path", "label", "fold", "group"]].to_csv(index=False, lineterminator="\n")
+    write_text(out / "train.csv", train_csv)
+    write_text(out / "test.csv", comp.test[["id", "path"]].to_csv(index=False, lineterminator="\n"))
+    summary.sha256 = sha256_file(out / "train.csv")
+    write_json(
+        out / "classes.json",
+        {
+            "classes": comp.classes,
+            "merge_groups": merge_names,
+            "k": k,
+            "seed": seed,
+            "train_sha256": summary.sha256,
+            "data_dir": str(comp.data_dir),
+            "layout": comp.layout,
+            "sample_submission": str(comp.sample.path),
+            "id_column": comp.sample.id_column,
+            "sample_bom": comp.sample.bom,
+            "n_train": summary.n_train,
+            "n_test": summary.n_test,
+            "near_duplicates": {
+                "max_hamming_distance": max_distance,
+                "groups": summary.n_groups,
+                "pairs_within_train": summary.duplicate_pairs_train,
+                "pairs_across_labels": cross_label_pairs,
+                "pairs_train_test": summary.duplicate_pairs_train_test,
+            },
+            "skipped_images": summary.skipped,
+        },
+    )
+    return summary
+
+
+def load_folds(root: Path = Path(".")) -> Folds:
+    """Read folds/ and check train.csv still has the sha256 recorded when it was made."""
+    out = Path(root) / FOLDS_DIR
+    meta_path = out / "classes.json"
+    if not meta_path.is_file():
+        raise KitError(f"{meta_path}: no folds here; run `kit folds DATA_DIR` first")
+    meta = read_json(meta_path)
+    sha = sha256_file(out / "train.csv")
+    if sha != meta["train_sha256"]:
+        raise KitError(f"{out / 'train.csv'}: changed since the folds were made (sha256 differs from classes.json)")
+    data_dir = Path(meta["data_dir"])
+    train = pd.read_csv(out / "train.csv", dtype={"id": str, "path": str, "label": str}, keep_default_na=False)
+    test = pd.read_csv(out / "test.csv", dtype=str, keep_default_na=False)
+    for df in (train, test):
+        df["path"] = [str(data_dir / p) for p in df["path"]]
+    classes = meta["classes"]
+    index = {c: i for i, c in enumerate(classes)}
+    train["y"] = train["label"].map(index).astype(np.int64)
+    merge = [[index[c] for c in group] for group in meta.get("merge_groups", [])]
+    return Folds(Path(root), train, test, classes, merge, meta["k"], meta["seed"], sha, meta)
