@@ -149,5 +149,65 @@ def check_submission_command(csv_file, sample) -> None:
     click.echo(f"ok {s.path}: {s.rows} rows x {s.columns} classes match {sample}")
 
 
+@main.command()
+@click.argument("preset_or_config", required=False)
+@click.option("--model", help="Any timm model name (or vlm:PATH_OR_HUB_ID).")
+@click.option("--img-size", type=int, help="Training and prediction resolution.")
+@click.option("--epochs", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--lr", type=float)
+@click.option("--name", help="Run folder under runs/ (default: from the preset or model).")
+@click.option("--device", help="auto, cpu, cuda or cuda:N.")
+@click.option("--fold", "only_folds", type=int, multiple=True, help="Train only these folds (repeatable).")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set ema_decay=0.999."
+)
+@ROOT
+def train(preset_or_config, model, img_size, epochs, batch_size, lr, name, device, only_folds, overrides, root) -> None:
+    """Train a model on every fold (resumable).
+
+    PRESET_OR_CONFIG is a shipped preset (see `kit presets`) or a YAML file; quick flags and --set
+    override it. Writes runs/NAME/ with fold weights, oof.npz and test.npz.
+    """
+    from kit.config import load_config
+    from kit.train.driver import train_run
+
+    quick = {"img_size": img_size, "epochs": epochs, "batch_size": batch_size, "lr": lr, "name": name, "device": device}
+    if model:
+        family, _, target = model.partition(":") if model.startswith(("vlm:", "probe:")) else ("timm", "", model)
+        quick.update(family=family, model=target)
+    cfg = load_config(preset_or_config, list(overrides), quick)
+    s = train_run(cfg, root, list(only_folds) or None)
+    if s.complete:
+        click.echo(
+            f"wrote {s.run_dir}: {s.k} folds, CV log loss {s.cv['log_loss']:.4f}, accuracy {s.cv['accuracy']:.4f}"
+        )
+    else:
+        click.echo(f"wrote {s.run_dir}: folds {s.folds_done} of {s.k} done; train the rest to get oof.npz")
+
+
+@main.command()
+def presets() -> None:
+    """List the shipped training presets."""
+    from kit.config import PRESETS_DIR, list_presets, read_yaml
+
+    for name in list_presets():
+        data = read_yaml(PRESETS_DIR / f"{name}.yaml")
+        click.echo(f"{name:24s} {data.get('model', '')} @ {data.get('img_size', 'model default')} px")
+
+
+@main.command()
+@click.argument("run")
+@click.option("--images", type=click.Path(exists=True, file_okay=False, path_type=Path), required=True)
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="CSV of probabilities to write.")
+@ROOT
+def predict(run, images, out, root) -> None:
+    """Predict a folder of images with a run's fold models."""
+    from kit.predict import predict_folder
+
+    s = predict_folder(root, run, images, out)
+    click.echo(f"wrote {s.path}: {s.rows} images x {s.columns} classes ({s.models} fold models, TTA {s.tta})")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,274 @@
+"""Training configs: one dataclass, YAML presets shipped with kit, `key=value` overrides.
+
+    cfg = load_config("efficientnet_lite0", overrides=["epochs=3", "lr=1e-3"])
+    cfg = load_config("my.yaml", quick={"model": "resnet18", "img_size": 64})
+
+Unknown keys and values of the wrong type are errors naming the key; every problem is collected and
+reported at once. The resolved config is written to runs/<run>/config.json and rebuilds the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kit.errors import KitError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class VLMConfig:
+    """Settings of the `vlm` family (a LoRA-tuned vision-language model)."""
+
+    head: str = "head"  # head: linear head on hidden state | rerank: re-score a base run's top-k | probe
+    prompt: str = "What is shown in this image? Answer with the class name."
+    pooling: str = "last"  # hidden state fed to the head: last token | mean of the image tokens
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    load_in_4bit: bool = False  # nf4 + double quantisation through bitsandbytes (QLoRA)
+    gradient_checkpointing: bool = True
+    min_pixels: int = 64 * 28 * 28  # Qwen2.5-VL image budget; LLaVA uses img_size
+    max_pixels: int = 256 * 28 * 28
+    base_run: str = ""  # rerank: the run whose top-k candidates are re-scored
+    top_k: int = 5
+    trust_remote_code: bool = False
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Names match the CLI's --set keys."""
+
+    name: str = ""  # run folder under runs/; default derived from the model
+    family: str = "timm"  # timm | vlm | probe
+    model: str = "resnet18"  # a timm model name, or a local path / hub id for vlm
+    pretrained: str = ""  # "" random init | hub | package:efficientnet_lite0 | path to .safetensors/.pth
+    num_classes: int = 0  # set from the folds
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # data
+    img_size: int = 0  # 0: the model's own input size
+    mean: list[float] = field(default_factory=list)  # empty: the model's own
+    std: list[float] = field(default_factory=list)
+    rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
+    hflip: float = 0.5
+    vflip: float = 0.0
+    color_jitter: float = 0.0  # probability of a brightness/contrast/saturation jitter
+    coarse_dropout: float = 0.0  # probability of cutting out random rectangles
+    cache: bool = True  # decoded images resized once into a uint8 memory map shared by folds and runs
+    workers: int = -1  # DataLoader workers; -1: one per core, at most 8
+    # optimisation
+    epochs: int = 10
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    mixup: float = 0.0  # mixup alpha; 0 off
+    cutmix: float = 0.0  # cutmix alpha; 0 off
+    ema_decay: float = 0.0  # 0 off; else e.g. 0.999 and predictions use the EMA weights
+    grad_accum: int = 1
+    clip_grad: float = 0.0
+    patience: int = 0  # early stopping on validation log loss; 0 off
+    # runtime
+    device: str = "auto"  # auto | cpu | cuda | cuda:1
+    precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+    seed: int = 42
+    deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
+    # prediction
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # none | hflip | vflip
+    predict_batch_size: int = 0  # 0: 2 x batch_size
+    vlm: VLMConfig = field(default_factory=VLMConfig)
+
+
+# Changing these does not change what a run computes, so a resumed run may use other values.
+RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name"}
+
+
+def _is_instance(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (list, typing.List):  # noqa: UP006
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_is_instance(v, item) for v in value)
+    if origin in (typing.Union, types.UnionType):
+        return any(_is_instance(value, h) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """Strings from --set become the field's type: '1e-3' -> 0.001, 'true' -> True, 'a,b' -> [a, b]."""
+    if not isinstance(value, str) or hint is str:
+        return value
+    if typing.get_origin(hint) is list:
+        (item,) = typing.get_args(hint)
+        return [_coerce(v.strip(), item) for v in value.strip("[]").split(",") if v.strip()]
+    try:
+        if hint is float:
+            return float(value)
+        if hint is int:
+            return int(value)
+    except ValueError:
+        return value
+    parsed = yaml.safe_load(value)
+    return parsed if parsed is not None else value
+
+
+def _apply(obj: Any, values: dict[str, Any], problems: list[str], where: str, prefix: str = "") -> None:
+    hints = typing.get_type_hints(type(obj))
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            known = ", ".join(sorted(hints))
+            problems.append(f"unknown key {dotted!r} (known: {known})")
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                problems.append(f"{dotted!r} must be a mapping")
+            else:
+                _apply(getattr(obj, key), value, problems, where, f"{dotted}.")
+            continue
+        value = _coerce(value, hint)
+        if not _is_instance(value, hint):
+            problems.append(f"{dotted!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+            continue
+        setattr(obj, key, float(value) if hint is float else value)
+
+
+def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            nested[key] = value
+    return {k: _nest(v) if isinstance(v, dict) and any("." in x for x in v) else v for k, v in nested.items()}
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    result = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise KitError(f"--set {pair!r}: expected key=value")
+        result[key.strip()] = value
+    return _nest(result)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise KitError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise KitError(f"{path}: expected a mapping of config keys")
+    return data
+
+
+def resolve_source(preset_or_path: str | None) -> tuple[dict[str, Any], str]:
+    if not preset_or_path:
+        return {}, "defaults"
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if not path.is_file():
+            raise KitError(f"{path}: config file not found")
+        return read_yaml(path), str(path)
+    preset = PRESETS_DIR / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        raise KitError(f"{preset_or_path}: no such preset (presets: {', '.join(list_presets())}) or config file")
+    data = read_yaml(preset)
+    data.setdefault("name", preset_or_path)
+    return data, f"preset {preset_or_path}"
+
+
+def load_config(
+    preset_or_path: str | None = None,
+    overrides: list[str] | None = None,
+    quick: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Defaults < preset or YAML file < quick flags < --set overrides; all problems raised at once."""
+    cfg = TrainConfig()
+    problems: list[str] = []
+    data, where = resolve_source(preset_or_path)
+    _apply(cfg, data, problems, where)
+    _apply(cfg, _nest({k: v for k, v in (quick or {}).items() if v is not None}), problems, "flags")
+    _apply(cfg, parse_overrides(overrides or []), problems, "--set")
+    problems += validate(cfg)
+    if problems:
+        raise KitError(f"{where}: " + "; ".join(problems))
+    if not cfg.name:
+        cfg.name = default_run_name(cfg)
+    return cfg
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    model = Path(cfg.model).name if cfg.family != "timm" else cfg.model
+    size = f"_{cfg.img_size}" if cfg.img_size else ""
+    suffix = f"_{cfg.vlm.head}" if cfg.family == "vlm" else ""
+    return f"{model.replace('/', '_')}{size}{suffix}"
+
+
+def validate(cfg: TrainConfig) -> list[str]:
+    checks = [
+        (cfg.family in ("timm", "vlm", "probe"), f"family {cfg.family!r} must be timm, vlm or probe"),
+        (cfg.epochs >= 1, "epochs must be >= 1"),
+        (cfg.batch_size >= 1, "batch_size must be >= 1"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
+        (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
+        (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        (all(t in ("none", "hflip", "vflip") for t in cfg.tta) and cfg.tta, "tta items: none, hflip, vflip"),
+        (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
+        (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
+        (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),
+        (cfg.vlm.pooling in ("last", "mean"), "vlm.pooling must be last or mean"),
+        (cfg.vlm.head != "rerank" or cfg.family != "vlm" or bool(cfg.vlm.base_run), "vlm rerank needs vlm.base_run"),
+    ]
+    return [message for ok, message in checks if not ok]
+
+
+def to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """Rebuild a config from runs/<run>/config.json (strict: unknown keys are errors)."""
+    cfg = TrainConfig()
+    problems: list[str] = []
+    _apply(cfg, data, problems, "config.json")
+    if problems:
+        raise KitError("config.json: " + "; ".join(problems))
+    return cfg
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Keys whose values differ, ignoring those that do not change what a run computes."""
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        if key in RESUME_SAFE_KEYS:
+            continue
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += config_changes(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed

@@ -1,0 +1,58 @@
+"""Predict arbitrary images with a run's fold models (fold average in probability space, run's TTA).
+
+predict_folder(Path("."), "efficientnet_lite0", Path("new_images"), Path("preds.csv"))
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kit.errors import KitError
+from kit.folds import load_folds
+from kit.images import IMAGE_SUFFIXES
+from kit.io import write_bytes
+from kit.preds import RUNS_DIR, mean_in_prob_space
+from kit.submit import format_csv
+
+
+@dataclass
+class PredictSummary:
+    path: Path
+    rows: int
+    columns: int
+    models: int
+    tta: list[str]
+
+
+def predict_run(root: Path, run: str, paths: list[str]) -> np.ndarray:
+    """Log-probabilities [N, C] of the run's fold models averaged in probability space."""
+    from kit.train.driver import run_config
+    from kit.train.families import get_family
+
+    run_dir = Path(root) / RUNS_DIR / run
+    if not (run_dir / "config.json").is_file():
+        raise KitError(f"{run_dir}: no such run")
+    cfg = run_config(run_dir)
+    family = get_family(cfg.family)
+    k = load_folds(root).k
+    done = [f for f in range(k) if (run_dir / f"fold{f}" / "done.json").is_file()]
+    if not done:
+        raise KitError(f"{run_dir}: no finished fold to predict with")
+    return mean_in_prob_space(np.stack([family.load_predictor(cfg, run_dir, f, root)(paths) for f in done]))
+
+
+def predict_folder(root: Path, run: str, images: Path, out: Path) -> PredictSummary:
+    from kit.train.driver import run_config
+
+    paths = sorted(p for p in Path(images).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise KitError(f"{images}: no images")
+    logp = predict_run(root, run, [str(p) for p in paths])
+    folds = load_folds(root)
+    ids = [p.relative_to(images).with_suffix("").as_posix() for p in paths]
+    write_bytes(out, format_csv([folds.meta["id_column"], *folds.classes], ids, np.exp(logp.astype(np.float64))))
+    cfg = run_config(Path(root) / RUNS_DIR / run)
+    return PredictSummary(out, len(ids), len(folds.classes), folds.k, cfg.tta)

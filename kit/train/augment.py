@@ -1,0 +1,34 @@
+"""Albumentations pipelines built from the config. They work on uint8 HWC arrays and return uint8
+CHW tensors: normalisation happens on the device (4x less to copy, no float work in the workers)."""
+
+from __future__ import annotations
+
+import albumentations as A
+import cv2
+from albumentations.pytorch import ToTensorV2
+
+from kit.config import TrainConfig
+
+
+def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
+    steps: list = [A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=cv2.INTER_AREA)]
+    if cfg.hflip:
+        steps.append(A.HorizontalFlip(p=cfg.hflip))
+    if cfg.vflip:
+        steps.append(A.VerticalFlip(p=cfg.vflip))
+    if cfg.color_jitter:
+        steps.append(A.ColorJitter(0.3, 0.3, 0.3, 0.02, p=cfg.color_jitter))
+    if cfg.coarse_dropout:
+        steps.append(
+            A.CoarseDropout(
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.2),
+                hole_width_range=(0.05, 0.2),
+                p=cfg.coarse_dropout,
+            )
+        )
+    return A.Compose([*steps, ToTensorV2()], seed=cfg.seed)
+
+
+def eval_pipeline(size: int) -> A.Compose:
+    return A.Compose([A.Resize(size, size, interpolation=cv2.INTER_AREA), ToTensorV2()])

@@ -1,0 +1,64 @@
+"""Weights and resumable training state, as safetensors only (never pickle).
+
+A training checkpoint is ONE safetensors file: model, EMA and optimizer tensors plus a JSON header
+(epoch, scheduler, optimizer hyper-parameters, history), so it is replaced atomically as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from kit.io import atomic_path
+
+
+def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # clone: safetensors refuses tensors that share storage (tied weights)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    with atomic_path(path) as tmp:
+        save_file(_cpu(state), str(tmp), metadata=metadata)
+
+
+def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    return load_file(str(path), device=str(device))
+
+
+def save_training_state(path: Path, parts: dict[str, dict[str, torch.Tensor]], meta: dict[str, Any]) -> None:
+    """parts: {"model": state_dict, "ema": state_dict, "optimizer": optimizer.state_dict()}."""
+    tensors: dict[str, torch.Tensor] = {}
+    optimizer = parts.pop("optimizer", None)
+    for prefix, state in parts.items():
+        tensors.update({f"{prefix}/{k}": v for k, v in state.items()})
+    if optimizer is not None:
+        for index, slots in optimizer["state"].items():
+            for slot, value in slots.items():
+                tensors[f"optimizer/{index}/{slot}"] = torch.as_tensor(value)
+        meta = {**meta, "optimizer_param_groups": optimizer["param_groups"]}
+    with atomic_path(path) as tmp:
+        save_file(_cpu(tensors), str(tmp), metadata={"kit": json.dumps(meta)})
+
+
+def load_training_state(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
+    """Inverse of save_training_state: ({"model": ..., "ema": ..., "optimizer": ...}, meta)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["kit"])
+    parts: dict[str, dict] = {}
+    optimizer_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path)).items():
+        prefix, _, rest = key.partition("/")
+        if prefix == "optimizer":
+            index, _, slot = rest.partition("/")
+            optimizer_state.setdefault(int(index), {})[slot] = value
+        else:
+            parts.setdefault(prefix, {})[rest] = value
+    if "optimizer_param_groups" in meta:
+        parts["optimizer"] = {"state": optimizer_state, "param_groups": meta.pop("optimizer_param_groups")}
+    return parts, meta

@@ -1,0 +1,130 @@
+"""Images to batches: a Dataset over the shared loader, an optional decoded-image cache, loaders.
+
+The cache holds every image decoded once and resized to the training size as one uint8 memory map
+under <root>/.cache/images/, keyed by the file list and size, so later epochs, folds and runs never
+decode a JPEG again:
+
+    cache = image_cache(paths, size=384, cache_dir=root / ".cache" / "images")
+    dataset = ImageDataset(paths, labels, transform, cache)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from kit.images import load_image
+from kit.io import atomic_path
+
+
+class ImageDataset(Dataset):
+    """Rows of a table of images. With a cache, `cache_rows[i]` is row i's index in the cache array
+    (a cache spans every image of a table; a fold's subset only indexes into it)."""
+
+    def __init__(
+        self,
+        paths: list[str],
+        labels: np.ndarray | None,
+        transform,
+        cache: np.ndarray | None = None,
+        cache_rows: np.ndarray | None = None,
+    ):
+        self.paths = list(paths)
+        self.labels = labels
+        self.transform = transform
+        self.cache = cache
+        self.cache_rows = np.arange(len(self.paths)) if cache_rows is None else np.asarray(cache_rows)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        if self.cache is not None:
+            pixels = np.array(self.cache[self.cache_rows[index]])  # a private copy of the read-only map
+        else:
+            pixels = np.asarray(load_image(self.paths[index]))
+        image = self.transform(image=pixels)["image"]
+        label = -1 if self.labels is None else int(self.labels[index])
+        return image, label
+
+
+def _cache_key(paths: list[str], size: int) -> str:
+    digest = hashlib.sha256(str(size).encode())
+    for p in paths:
+        stat = os.stat(p)
+        digest.update(f"{p}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:20]
+
+
+def _fill(args: tuple[str, int, int, list[str], int]) -> int:
+    file, n, size, paths, start = args
+    target = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
+    for offset, path in enumerate(paths):
+        # the same resize as the eval pipeline's, so cached and freshly decoded predictions agree exactly
+        target[start + offset] = cv2.resize(np.asarray(load_image(path)), (size, size), interpolation=cv2.INTER_AREA)
+    target.flush()
+    return len(paths)
+
+
+def image_cache(paths: list[str], size: int, cache_dir: Path, workers: int = 1) -> np.ndarray:
+    """Memory-mapped [N, size, size, 3] uint8 array of the images; built (in parallel) on first use."""
+    file = Path(cache_dir) / f"{_cache_key(paths, size)}_{len(paths)}x{size}.u8"
+    shape = (len(paths), size, size, 3)
+    if not file.is_file():
+        with atomic_path(file) as tmp:
+            np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape).flush()
+            chunk = 64
+            jobs = [(str(tmp), len(paths), size, paths[s : s + chunk], s) for s in range(0, len(paths), chunk)]
+            bar = tqdm(total=len(paths), desc=f"caching images at {size}px", unit="img", leave=False)
+            if workers > 1 and len(jobs) > 1:
+                with ProcessPoolExecutor(workers) as pool:
+                    for done in pool.map(_fill, jobs):
+                        bar.update(done)
+            else:
+                for job in jobs:
+                    bar.update(_fill(job))
+            bar.close()
+    return np.memmap(file, dtype=np.uint8, mode="r", shape=shape)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    workers: int,
+    device: torch.device,
+    seed: int = 0,
+    drop_last: bool = False,
+) -> DataLoader:
+    """Pinned, persistent, prefetching workers; a seeded generator so the shuffle is reproducible."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        drop_last=drop_last,
+        generator=generator,
+        worker_init_fn=_seed_worker,
+    )
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Each worker's augmentation stream follows from the loader's seed, so epochs replay exactly."""
+    info = torch.utils.data.get_worker_info()
+    seed = info.seed % (2**31)
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)

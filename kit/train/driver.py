@@ -1,0 +1,137 @@
+"""Train every fold of a run and assemble its predictions (the runs/<run>/ contract of DESIGN.md).
+
+    summary = train_run(load_config("tiny"), root=Path("."))
+    summary.cv   # {'log_loss': ..., 'accuracy': ...} of the assembled out-of-fold predictions
+
+Finished folds (fold<k>/done.json) are skipped; an unfinished fold resumes from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kit import __version__
+from kit.config import TrainConfig, config_changes, to_dict
+from kit.errors import KitError
+from kit.folds import Folds, load_folds
+from kit.io import read_json, write_json
+from kit.metrics import score
+from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_space, save_predictions
+from kit.train.families import get_family
+from kit.train.lock import RunLock
+
+RUN_META_KEYS = ("folds_sha256", "classes", "kit_version")
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    folds_done: list[int]
+    k: int
+    fold_scores: dict[int, dict] = field(default_factory=dict)
+    cv: dict | None = None  # set once every fold is done
+
+    @property
+    def complete(self) -> bool:
+        return len(self.folds_done) == self.k
+
+
+def run_config(run_dir: Path) -> TrainConfig:
+    """The config a run was made with, rebuilt from its config.json."""
+    from kit.config import from_dict
+
+    data = read_json(Path(run_dir) / "config.json")
+    return from_dict({k: v for k, v in data.items() if k not in RUN_META_KEYS})
+
+
+def _write_config(run_dir: Path, cfg: TrainConfig, folds: Folds) -> None:
+    record = {**to_dict(cfg), "folds_sha256": folds.sha256, "classes": folds.classes, "kit_version": __version__}
+    path = run_dir / "config.json"
+    if path.is_file():
+        old = read_json(path)
+        if old.get("folds_sha256") != folds.sha256:
+            raise KitError(f"{path}: run was made from other folds; use --name for a new run")
+        changes = config_changes({k: v for k, v in old.items() if k not in RUN_META_KEYS}, to_dict(cfg))
+        if changes:
+            raise KitError(
+                f"{path}: run was made with another config ({'; '.join(changes[:3])}); "
+                "resume with the same settings, or use --name for a new run"
+            )
+    write_json(path, record)
+
+
+def train_run(
+    cfg: TrainConfig,
+    root: Path = Path("."),
+    only_folds: list[int] | None = None,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> RunSummary:
+    root = Path(root)
+    folds = load_folds(root)
+    bad = [f for f in only_folds or [] if not 0 <= f < folds.k]
+    if bad:
+        raise KitError(f"--fold {bad[0]}: folds are 0..{folds.k - 1}")
+    family = get_family(cfg.family)
+    cfg = family.resolve_config(cfg, folds)
+    run_dir = root / RUNS_DIR / cfg.name
+    with RunLock(run_dir):
+        _write_config(run_dir, cfg, folds)
+        for fold in only_folds or range(folds.k):
+            fold_dir = run_dir / f"fold{fold}"
+            if not (fold_dir / "done.json").is_file():
+                _train_fold(family, cfg, folds, fold, fold_dir, root, on_epoch_end)
+        return assemble(run_dir, folds)
+
+
+def _train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
+    start = time.perf_counter()
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    family.fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end)
+    predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
+    valid = folds.train[folds.train["fold"] == fold]
+    valid_logp = predict(valid["path"].tolist())
+    save_predictions(
+        fold_dir / "oof.npz", Predictions(valid["id"].to_numpy(str), valid_logp, np.full(len(valid), fold))
+    )
+    save_predictions(
+        fold_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), predict(folds.test["path"].tolist()))
+    )
+    scores = score(valid["y"].to_numpy(), np.exp(valid_logp.astype(np.float64)), folds.merge_groups)
+    write_json(fold_dir / "done.json", {"fold": fold, **scores, "seconds": round(time.perf_counter() - start, 1)})
+    (fold_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # optimizer state is no longer needed
+
+
+def assemble(run_dir: Path, folds: Folds) -> RunSummary:
+    """Gather finished folds; once all are done write oof.npz (train.csv order) and test.npz."""
+    done = sorted(f for f in range(folds.k) if (run_dir / f"fold{f}" / "done.json").is_file())
+    summary = RunSummary(run_dir, done, folds.k, {f: read_json(run_dir / f"fold{f}" / "done.json") for f in done})
+    if not summary.complete:
+        return summary
+    parts = [load_predictions(run_dir / f"fold{f}" / "oof.npz") for f in range(folds.k)]
+    position = {row_id: i for i, row_id in enumerate(folds.train["id"])}
+    logp = np.full((len(folds.train), len(folds.classes)), np.nan, dtype=np.float32)
+    for f, part in enumerate(parts):
+        rows = np.array([position[i] for i in part.ids])
+        if not (folds.fold_of_row[rows] == f).all():
+            raise KitError(f"{run_dir}/fold{f}/oof.npz: holds rows of another fold")
+        logp[rows] = part.logp
+    if np.isnan(logp).any():
+        raise KitError(f"{run_dir}: folds do not cover every training row; folds/ changed?")
+    save_predictions(run_dir / "oof.npz", Predictions(folds.train["id"].to_numpy(str), logp, folds.fold_of_row))
+    tests = np.stack([load_predictions(run_dir / f"fold{f}" / "test.npz").logp for f in range(folds.k)])
+    save_predictions(
+        run_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), mean_in_prob_space(tests), logp_folds=tests)
+    )
+    summary.cv = score(folds.labels, np.exp(logp.astype(np.float64)), folds.merge_groups)
+    write_json(run_dir / "scores.json", {"cv": summary.cv, "folds": summary.fold_scores})
+    return summary
+
+
+def remove_run(run_dir: Path) -> None:
+    shutil.rmtree(run_dir, ignore_errors=True)

