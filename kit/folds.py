@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from kit.data import Competition, LayoutOptions, check_classes, read_competition
+from kit.data import Competition, LayoutOptions, check_classes, read_competition, read_sample_submission
 from kit.dedup import group_ids, near_duplicate_pairs
 from kit.errors import KitError
 from kit.images import ImageInfo, inspect_image
@@ -107,6 +107,9 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, k: int, seed: int) -> n
 
     if len(np.unique(groups)) < k:
         raise KitError(f"-k {k}: only {len(np.unique(groups))} distinct image groups; use fewer folds")
+    largest = np.unique(labels, return_counts=True)[1].max(initial=0)
+    if largest < k:  # StratifiedGroupKFold refuses this with a ValueError
+        raise KitError(f"-k {k}: every class has fewer than {k} images (the largest has {largest}); use fewer folds")
     fold = np.full(len(labels), -1, dtype=np.int64)
     with warnings.catch_warnings():  # classes smaller than k are reported in the summary instead
         warnings.simplefilter("ignore", UserWarning)
@@ -129,9 +132,12 @@ def make_folds(
 ) -> FoldsSummary:
     if k < 2:
         raise KitError(f"-k {k}: need at least 2 folds")
-    comp = read_competition(data_dir, options)
-    merge_names = read_merge_groups(merge_classes, comp.classes)
-    check_classes(comp.train, comp.sample, str(data_dir), merge_names)
+    options = options or LayoutOptions()
+    merge_names: list[list[str]] = []
+    if merge_classes is not None:  # needed before reading: a declared-identical class may have no images
+        sample = read_sample_submission(options.sample or Path(data_dir).resolve() / "sample_submission.csv")
+        merge_names = read_merge_groups(merge_classes, sample.classes)
+    comp = read_competition(data_dir, options, merge_names)
 
     train_paths = [comp.data_dir / p for p in comp.train["path"]]
     test_paths = [comp.data_dir / p for p in comp.test["path"]]

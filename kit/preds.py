@@ -63,12 +63,12 @@ def check_predictions(preds: Predictions, where: Path | str) -> None:
     finite = np.isfinite(logp).all(axis=1)
     if not finite.all():
         row = int(np.argmin(finite))
-        raise KitError(f"{where}: row {row} (id {preds.ids[row]!r}) holds NaN or inf")
+        raise KitError(f"{where}: row {row} (id {str(preds.ids[row])!r}) holds NaN or inf")
     total = np.exp(logp.astype(np.float64)).sum(axis=1)
     off = np.abs(total - 1) > 1e-3
     if off.any():
         row = int(np.argmax(off))
-        raise KitError(f"{where}: row {row} (id {preds.ids[row]!r}) sums to {total[row]:.6f}, not 1")
+        raise KitError(f"{where}: row {row} (id {str(preds.ids[row])!r}) sums to {total[row]:.6f}, not 1")
 
 
 def load_predictions(path: Path) -> Predictions:
