@@ -41,6 +41,11 @@ class VLMConfig:
     base_run: str = ""  # rerank: the run whose top-k candidates are re-scored
     top_k: int = 5
     trust_remote_code: bool = False
+    rerank_score: str = "label"  # rerank: label (class-name log-likelihood, prompt run once) | letter (option letter)
+    head_lr_scale: float = 10.0  # head mode: the fresh linear head learns at lr x this (LoRA at lr)
+    vision_cache_gb: float = 8.0  # RAM for frozen vision-tower outputs reused across epochs; 0 off
+    probe_source: str = "vision"  # probe on a VLM: vision (mean of projected image tokens) | language (LM hidden)
+    probe_c: float = 1.0  # probe: inverse L2 strength of the logistic regression on standardised features
 
 
 @dataclass
@@ -242,6 +247,14 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),
         (cfg.vlm.pooling in ("last", "mean"), "vlm.pooling must be last or mean"),
         (cfg.vlm.head != "rerank" or cfg.family != "vlm" or bool(cfg.vlm.base_run), "vlm rerank needs vlm.base_run"),
+        (cfg.vlm.rerank_score in ("label", "letter"), "vlm.rerank_score must be label or letter"),
+        (cfg.vlm.top_k >= 2, "vlm.top_k must be >= 2"),
+        (cfg.vlm.rerank_score != "letter" or cfg.vlm.top_k <= 26, "vlm.top_k must be <= 26 with letter scoring"),
+        (cfg.vlm.lora_r >= 1 and 0 <= cfg.vlm.lora_dropout < 1, "vlm.lora_r >= 1 and vlm.lora_dropout in [0, 1)"),
+        (0 < cfg.vlm.min_pixels <= cfg.vlm.max_pixels, "vlm.min_pixels must be > 0 and <= vlm.max_pixels"),
+        (cfg.vlm.head_lr_scale > 0 and cfg.vlm.vision_cache_gb >= 0, "vlm.head_lr_scale > 0, vlm.vision_cache_gb >= 0"),
+        (cfg.vlm.probe_source in ("vision", "language"), "vlm.probe_source must be vision or language"),
+        (cfg.vlm.probe_c > 0, "vlm.probe_c must be > 0"),
     ]
     return [message for ok, message in checks if not ok]
 

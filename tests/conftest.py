@@ -79,3 +79,7 @@ def dacon_dir(tmp_path: Path) -> Path:
 @pytest.fixture
 def kaggle_dir(tmp_path: Path) -> Path:
     return make_competition(tmp_path / "data", "kaggle")
+
+
+# Session fixtures of the vlm and probe tests: tiny VLM checkpoints and a shared 4-class competition.
+from vlm_fixtures import tiny_llava, tiny_qwen, vlm_root  # noqa: E402, F401

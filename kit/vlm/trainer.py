@@ -1,0 +1,135 @@
+"""The fold loop shared by the vlm heads: AdamW on the LoRA adapter (and a head), warm-up + cosine,
+gradient accumulation, per-epoch validation, best weights, and a one-file resumable checkpoint.
+
+    trainer = LoraTrainer(cfg, vl, head, device, steps_per_epoch)
+    trainer.resume_if_any(fold_dir)
+    while trainer.epoch < cfg.epochs:
+        stats = trainer.train_epoch(batches, loss_fn, desc)
+        ...
+        stop = trainer.end_epoch(fold_dir, row, row["valid_loss"], save_best)
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from kit.config import TrainConfig
+from kit.io import write_text
+from kit.train.checkpoint import load_training_state, save_training_state
+from kit.train.loop import CHECKPOINT, FoldHistory, warmup_cosine
+from kit.train.runtime import autocast
+from kit.vlm.model import VisionLanguage
+
+
+class LoraTrainer:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        vl: VisionLanguage,
+        head: nn.Module | None,
+        device: torch.device,
+        steps_per_epoch: int,
+    ):
+        self.cfg, self.vl, self.head, self.device = cfg, vl, head, device
+        self.params = {f"lora/{n}": p for n, p in vl.trainable().items()}
+        if head is not None:
+            head.to(device)
+            self.params.update({f"head/{n}": p for n, p in head.named_parameters()})
+        self.optimizer = torch.optim.AdamW(self._groups(), lr=cfg.lr, fused=device.type == "cuda")
+        updates = math.ceil(steps_per_epoch / cfg.grad_accum)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, warmup_cosine(updates * cfg.epochs, round(updates * cfg.warmup_epochs))
+        )
+        self.history = FoldHistory()
+        self.epoch = 0
+
+    def _groups(self) -> list[dict]:
+        """No weight decay on 1-D tensors; the fresh head gets a larger learning rate than the adapter."""
+        groups = []
+        for prefix, lr in (("lora/", self.cfg.lr), ("head/", self.cfg.lr * self.cfg.vlm.head_lr_scale)):
+            params = [p for n, p in self.params.items() if n.startswith(prefix)]
+            for decay in (True, False):
+                chosen = [p for p in params if (p.ndim > 1) == decay]
+                if chosen:
+                    groups.append({"params": chosen, "lr": lr, "weight_decay": self.cfg.weight_decay * decay})
+        return groups
+
+    def train(self, mode: bool = True) -> None:
+        self.vl.train(mode)
+        if self.head is not None:
+            self.head.train(mode)
+
+    def step(self, loss: torch.Tensor, step: int, last: bool) -> None:
+        (loss / self.cfg.grad_accum).backward()
+        if (step + 1) % self.cfg.grad_accum == 0 or last:
+            if self.cfg.clip_grad:
+                torch.nn.utils.clip_grad_norm_(list(self.params.values()), self.cfg.clip_grad)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scheduler.step()
+
+    def train_epoch(self, batches: Iterable, loss_fn: Callable, total: int, desc: str) -> dict:
+        """One pass: loss_fn(batch) -> (loss, n_rows) for each batch of `batches`."""
+        self.train(True)
+        loss_sum, count, start = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
+        for step, batch in enumerate(batches):
+            with autocast(self.device, self.cfg.precision):
+                loss, n = loss_fn(batch)
+            self.step(loss, step, step == total - 1)
+            loss_sum += float(loss.detach()) * n
+            count += n
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}")
+        bar.close()
+        self.train(False)
+        seconds = time.perf_counter() - start
+        return {
+            "train_loss": loss_sum / max(count, 1),
+            "seconds": round(seconds, 3),
+            "images_per_s": round(count / max(seconds, 1e-9), 1),
+        }
+
+    def state(self) -> tuple[dict, dict]:
+        parts = {"model": {n: p.detach() for n, p in self.params.items()}, "optimizer": self.optimizer.state_dict()}
+        meta = {
+            "epoch": self.epoch,
+            "scheduler": self.scheduler.state_dict(),
+            "history": self.history.rows,
+            "best_loss": self.history.best_loss,
+            "best_epoch": self.history.best_epoch,
+        }
+        return parts, meta
+
+    def resume_if_any(self, fold_dir: Path) -> None:
+        path = Path(fold_dir) / CHECKPOINT
+        if not path.is_file():
+            return
+        parts, meta = load_training_state(path)
+        with torch.no_grad():
+            for name, value in parts["model"].items():
+                self.params[name].copy_(value)
+        self.optimizer.load_state_dict(parts["optimizer"])
+        self.scheduler.load_state_dict(meta["scheduler"])
+        self.epoch = meta["epoch"]
+        self.history = FoldHistory(meta["history"], meta["best_loss"], meta["best_epoch"])
+
+    def end_epoch(self, fold_dir: Path, row: dict, valid_loss: float, save_best: Callable[[], None]) -> bool:
+        """Record the epoch, keep the best weights (save_best), checkpoint; True to stop early."""
+        self.history.rows.append(row)
+        if valid_loss < self.history.best_loss:
+            self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
+            save_best()
+        self.epoch += 1
+        write_text(Path(fold_dir) / "history.csv", self.history.csv())
+        parts, meta = self.state()
+        save_training_state(Path(fold_dir) / CHECKPOINT, parts, meta)
+        patience = self.cfg.patience
+        return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience

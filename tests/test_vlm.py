@@ -1,0 +1,127 @@
+"""The vlm family's head mode on tiny random Qwen2.5-VL and LLaVA checkpoints, on the CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from vlm_fixtures import VLM_CLASSES, tiny_config
+
+from kit.folds import load_folds
+from kit.io import read_json
+from kit.preds import load_predictions
+from kit.train.driver import train_run
+from kit.vlm import head as head_mode
+from kit.vlm.features import encoded_batches
+from kit.vlm.trainer import LoraTrainer
+
+CPU = torch.device("cpu")
+FOLD_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "history.csv", "done.json"}
+
+
+def check_run_contract(run_dir: Path, root: Path) -> None:
+    """Per-fold files, and oof/test predictions over all classes with rows summing to 1."""
+    folds = load_folds(root)
+    for f in range(folds.k):
+        names = {p.name for p in (run_dir / f"fold{f}").iterdir()}
+        assert names >= FOLD_FILES, names
+        assert "checkpoint.safetensors" not in names
+    oof, test = load_predictions(run_dir / "oof.npz"), load_predictions(run_dir / "test.npz")
+    assert oof.logp.shape == (len(folds.train), len(VLM_CLASSES))
+    assert list(oof.ids) == folds.train["id"].tolist()
+    assert (oof.fold == folds.fold_of_row).all()
+    assert test.logp.shape == (len(folds.test), len(VLM_CLASSES))
+    assert test.logp_folds.shape == (folds.k, len(folds.test), len(VLM_CLASSES))
+    for logp in (oof.logp, test.logp):
+        np.testing.assert_allclose(np.exp(logp.astype(np.float64)).sum(axis=1), 1, atol=1e-5)
+
+
+@pytest.mark.parametrize("model, pooling", [("qwen", "last"), ("llava", "mean")])
+def test_head_run_writes_the_run_contract(model, pooling, tiny_qwen, tiny_llava, vlm_root):
+    path = tiny_qwen if model == "qwen" else tiny_llava
+    cfg = tiny_config(path, f"name=head_{model}", f"vlm.pooling={pooling}")
+    summary = train_run(cfg, vlm_root)
+    run_dir = vlm_root / "runs" / f"head_{model}"
+    check_run_contract(run_dir, vlm_root)
+    assert summary.complete and np.isfinite(summary.cv["log_loss"])
+    config = read_json(run_dir / "config.json")
+    assert config["vlm"]["pooling"] == pooling and config["num_classes"] == len(VLM_CLASSES)
+    adapter = json.loads((run_dir / "fold0" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and "language_model" in adapter["target_modules"]
+
+
+def _one_step(cfg, prompter, vl, head, paths: list[str], labels: list[int]) -> torch.Tensor:
+    trainer = LoraTrainer(cfg, vl, head, CPU, steps_per_epoch=1)
+    trainer.train(True)
+    _, images = next(encoded_batches(vl, prompter, paths, np.arange(len(paths)), len(paths), 0))
+    loss = F.cross_entropy(head_mode.logits(cfg, prompter, vl, head, images), torch.tensor(labels))
+    trainer.step(loss, 0, last=True)
+    trainer.train(False)
+    return loss.detach()
+
+
+def test_saved_adapter_and_head_predict_the_same(tiny_qwen, vlm_root, tmp_path):
+    cfg = tiny_config(tiny_qwen, "lr=0.01")
+    cfg.num_classes = len(VLM_CLASSES)
+    paths = load_folds(vlm_root).train["path"].tolist()[:6]
+    prompter, vl, head = head_mode.build(cfg, CPU)
+    _one_step(cfg, prompter, vl, head, paths, [0, 1, 2, 3, 0, 1])
+    assert any(p.abs().sum() > 0 for n, p in vl.trainable().items() if "lora_B" in n)  # the adapter moved
+    fold_dir = tmp_path / "run" / "fold0"
+    fold_dir.mkdir(parents=True)
+    head_mode.save(vl, head, fold_dir)
+    batches = encoded_batches(vl, prompter, paths, np.arange(len(paths)), 4, 0)
+    expected = head_mode.predict_batches(cfg, prompter, vl, head, batches, CPU)
+    got = head_mode.load_predictor(cfg, tmp_path / "run", 0, vlm_root)(paths)
+    assert np.abs(expected - got).max() < 1e-6
+
+
+def test_vision_tower_never_runs_with_gradients(tiny_qwen, vlm_root):
+    cfg = tiny_config(tiny_qwen, "vlm.gradient_checkpointing=true")
+    cfg.num_classes = len(VLM_CLASSES)
+    prompter, vl, head = head_mode.build(cfg, CPU)
+    grad_modes = []
+    for module in vl.vision:
+        module.register_forward_hook(lambda *_: grad_modes.append(torch.is_grad_enabled()))
+    paths = load_folds(vlm_root).train["path"].tolist()[:4]
+    _one_step(cfg, prompter, vl, head, paths, [0, 1, 2, 3])
+    assert grad_modes and not any(grad_modes)
+    vision = [(n, p) for n, p in vl.model.named_parameters() if ".visual." in n]
+    assert vision and not any(p.requires_grad or p.grad is not None for _, p in vision)
+    assert not vl.core.visual.patch_embed._forward_hooks  # no input-grad hook left by peft / checkpointing
+    assert not vl.language_model.get_input_embeddings()._forward_hooks
+    assert any(getattr(m, "gradient_checkpointing", False) for m in vl.language_model.modules())
+
+
+def test_4bit_model_trains_one_step_on_cpu(tiny_llava, vlm_root):
+    cfg = tiny_config(tiny_llava, "vlm.load_in_4bit=true", "lr=0.01")
+    cfg.num_classes = len(VLM_CLASSES)
+    prompter, vl, head = head_mode.build(cfg, CPU)
+    kinds = {type(m).__name__ for m in vl.language_model.modules()}
+    assert "Linear4bit" in kinds
+    assert not any(type(m).__name__ == "Linear4bit" for v in vl.vision for m in v.modules())
+    paths = load_folds(vlm_root).train["path"].tolist()[:4]
+    loss = _one_step(cfg, prompter, vl, head, paths, [0, 1, 2, 3])
+    assert torch.isfinite(loss)
+    assert any(p.abs().sum() > 0 for n, p in vl.trainable().items() if "lora_B" in n)
+
+
+def test_interrupted_fold_resumes_from_its_checkpoint(tiny_llava, vlm_root):
+    cfg = tiny_config(tiny_llava, "name=head_resume", "epochs=2")
+
+    def stop_after_first_epoch(epoch: int, row: dict) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_run(cfg, vlm_root, only_folds=[0], on_epoch_end=stop_after_first_epoch)
+    fold_dir = vlm_root / "runs" / "head_resume" / "fold0"
+    assert (fold_dir / "checkpoint.safetensors").is_file() and not (fold_dir / "done.json").exists()
+    first = (fold_dir / "history.csv").read_text().splitlines()
+    train_run(cfg, vlm_root, only_folds=[0])
+    history = (fold_dir / "history.csv").read_text().splitlines()
+    assert len(history) == 3 and history[:2] == first  # header, epoch 0 kept, epoch 1 added
+    assert (fold_dir / "done.json").is_file()
