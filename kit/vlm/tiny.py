@@ -26,6 +26,7 @@ _QWEN_SPECIALS = [
     "<|video_pad|>",
 ]
 _LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
+_ENDS = ("<|endoftext|>", "<|im_end|>")
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -43,8 +44,11 @@ def _tokenizer(specials: list[str]):
     from transformers import Qwen2TokenizerFast
 
     vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))}
-    tokenizer = Qwen2TokenizerFast(vocab=vocab, merges=[], unk_token=None, eos_token=specials[0], pad_token=specials[0])
-    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    # as in Qwen2.5-VL-Instruct: a turn ends with <|im_end|>, padding is <|endoftext|>
+    tokenizer = Qwen2TokenizerFast(
+        vocab=vocab, merges=[], unk_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": [s for s in specials if s not in _ENDS]})
     return tokenizer
 
 
@@ -52,10 +56,13 @@ def _template(placeholder: str) -> str:
     return _CHAT_TEMPLATE.replace("{{ image_placeholder }}", placeholder)
 
 
-def _text_config(vocab_size: int) -> dict:
+def _text_config(tokenizer, eos: str) -> dict:
     # head_dim 16 -> mrope_section must sum to 8 (Qwen2.5-VL splits the rotary half into t/h/w)
     return {
-        "vocab_size": vocab_size,
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids(eos),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         "hidden_size": 64,
         "intermediate_size": 128,
         "num_hidden_layers": 2,
@@ -81,7 +88,7 @@ def build_tiny_qwen2_5_vl(out_dir: Path, seed: int = 0, pixels: int = 56 * 56) -
     tokenizer = _tokenizer(_QWEN_SPECIALS)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _QWEN_SPECIALS}
     config = Qwen2_5_VLConfig(
-        text_config=_text_config(len(tokenizer)),
+        text_config=_text_config(tokenizer, "<|im_end|>"),
         vision_config={
             "depth": 2,
             "hidden_size": 32,
@@ -119,7 +126,7 @@ def build_tiny_llava(out_dir: Path, seed: int = 0, image_size: int = 28) -> Path
     from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
     tokenizer = _tokenizer(_LLAVA_SPECIALS)
-    text = _text_config(len(tokenizer))
+    text = _text_config(tokenizer, "<|im_end|>")
     text = {k: v for k, v in text.items() if k not in ("rope_scaling", "rope_parameters")}
     patches = (image_size // 14) ** 2
     config = LlavaConfig(
