@@ -138,18 +138,18 @@ def _apply(obj: Any, values: dict[str, Any], problems: list[str], where: str, pr
         dotted = f"{prefix}{key}"
         if key not in hints:
             known = ", ".join(sorted(hints))
-            problems.append(f"unknown key {dotted!r} (known: {known})")
+            problems.append(f"{where}: unknown key {dotted!r} (known: {known})")
             continue
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
-                problems.append(f"{dotted!r} must be a mapping")
+                problems.append(f"{where}: {dotted!r} must be a mapping")
             else:
                 _apply(getattr(obj, key), value, problems, where, f"{dotted}.")
             continue
         value = _coerce(value, hint)
         if not _is_instance(value, hint):
-            problems.append(f"{dotted!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
+            problems.append(f"{where}: {dotted!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
             continue
         setattr(obj, key, float(value) if hint is float else value)
 
@@ -215,11 +215,14 @@ def load_config(
     problems: list[str] = []
     data, where = resolve_source(preset_or_path)
     _apply(cfg, data, problems, where)
-    _apply(cfg, _nest({k: v for k, v in (quick or {}).items() if v is not None}), problems, "flags")
+    flags = {k: v for k, v in (quick or {}).items() if v is not None}
+    _apply(cfg, _nest(flags), problems, "flags")
     _apply(cfg, parse_overrides(overrides or []), problems, "--set")
-    problems += validate(cfg)
+    # each problem names its source; a check of the combined config names every source used
+    sources = " + ".join([where] + ["flags"] * bool(flags) + ["--set"] * bool(overrides))
+    problems += [f"{sources}: {p}" for p in validate(cfg)]
     if problems:
-        raise KitError(f"{where}: " + "; ".join(problems))
+        raise KitError("; ".join(problems))
     if not cfg.name:
         cfg.name = default_run_name(cfg)
     return cfg
@@ -269,7 +272,7 @@ def from_dict(data: dict[str, Any]) -> TrainConfig:
     problems: list[str] = []
     _apply(cfg, data, problems, "config.json")
     if problems:
-        raise KitError("config.json: " + "; ".join(problems))
+        raise KitError("; ".join(problems))
     return cfg
 
 

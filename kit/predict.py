@@ -13,7 +13,7 @@ import numpy as np
 from kit.errors import KitError
 from kit.folds import load_folds
 from kit.images import IMAGE_SUFFIXES
-from kit.io import write_bytes
+from kit.io import read_json, write_bytes
 from kit.preds import RUNS_DIR, mean_in_prob_space
 from kit.submit import format_csv
 
@@ -37,7 +37,11 @@ def predict_run(root: Path, run: str, paths: list[str]) -> np.ndarray:
         raise KitError(f"{run_dir}: no such run")
     cfg = run_config(run_dir)
     family = get_family(cfg.family)
-    k = load_folds(root).k
+    folds = load_folds(root)
+    # the CSV's columns are folds/classes.json's: a run trained on another class order would mislabel them
+    if read_json(run_dir / "config.json").get("classes") != folds.classes:
+        raise KitError(f"{run_dir}: its classes differ from folds/classes.json; predict from the root it was made in")
+    k = folds.k
     done = [f for f in range(k) if (run_dir / f"fold{f}" / "done.json").is_file()]
     if not done:
         raise KitError(f"{run_dir}: no finished fold to predict with")

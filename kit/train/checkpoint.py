@@ -7,6 +7,7 @@ A training checkpoint is ONE safetensors file: model, EMA and optimizer tensors 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +23,16 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
 
 
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str] | None) -> None:
+    # safetensors (0.8) replaces the file by a fresh 0600 one; restore the mode atomic_path gave it
+    mode = tmp.stat().st_mode & 0o777
+    save_file(_cpu(tensors), str(tmp), metadata=metadata)
+    os.chmod(tmp, mode)
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     with atomic_path(path) as tmp:
-        save_file(_cpu(state), str(tmp), metadata=metadata)
+        _save_file(state, tmp, metadata)
 
 
 def load_weights(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -43,7 +51,7 @@ def save_training_state(path: Path, parts: dict[str, dict[str, torch.Tensor]], m
                 tensors[f"optimizer/{index}/{slot}"] = torch.as_tensor(value)
         meta = {**meta, "optimizer_param_groups": optimizer["param_groups"]}
     with atomic_path(path) as tmp:
-        save_file(_cpu(tensors), str(tmp), metadata={"kit": json.dumps(meta)})
+        _save_file(tensors, tmp, {"kit": json.dumps(meta)})
 
 
 def load_training_state(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:

@@ -55,7 +55,8 @@ def _write_config(run_dir: Path, cfg: TrainConfig, folds: Folds) -> None:
     path = run_dir / "config.json"
     if path.is_file():
         old = read_json(path)
-        if old.get("folds_sha256") != folds.sha256:
+        # classes too: train.csv holds class names, so reordered sample-submission columns keep its sha256
+        if old.get("folds_sha256") != folds.sha256 or old.get("classes") != folds.classes:
             raise KitError(f"{path}: run was made from other folds; use --name for a new run")
         changes = config_changes({k: v for k, v in old.items() if k not in RUN_META_KEYS}, to_dict(cfg))
         if changes:

@@ -224,6 +224,11 @@ class FoldTrainer:
         write_text(fold_dir / "history.csv", self.history.csv())
         parts, meta = self.state()
         save_training_state(fold_dir / CHECKPOINT, parts, meta)
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """Early stopping: `patience` epochs without a better validation loss (also after a resume)."""
         patience = self.cfg.patience
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
 

@@ -81,12 +81,14 @@ def fit_fold(
         trainer.resume(fold_dir / CHECKPOINT)
     valid_loader = make_loader(datasets["valid"], _predict_batch(cfg), False, workers, device)
     valid_labels = datasets["valid"].labels
-    while trainer.epoch < cfg.epochs:
+    while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
         seed_everything(seed)
         datasets["train"].transform.set_random_seed(seed)
-        loader = make_loader(datasets["train"], cfg.batch_size, True, workers, device, seed, drop_last=True)
+        # drop the ragged last batch only when a full one exists: a fold smaller than a batch must still train
+        full = len(datasets["train"]) >= cfg.batch_size
+        loader = make_loader(datasets["train"], cfg.batch_size, True, workers, device, seed, drop_last=full)
         stats = trainer.train_epoch(loader, f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
         logp = predict_logp(trainer.eval_model, valid_loader, device, trainer.normalize, ["none"], cfg.precision)
         row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}

