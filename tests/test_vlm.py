@@ -23,12 +23,12 @@ CPU = torch.device("cpu")
 FOLD_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "history.csv", "done.json"}
 
 
-def check_run_contract(run_dir: Path, root: Path) -> None:
+def check_run_contract(run_dir: Path, root: Path, fold_files: set[str] = FOLD_FILES) -> None:
     """Per-fold files, and oof/test predictions over all classes with rows summing to 1."""
     folds = load_folds(root)
     for f in range(folds.k):
         names = {p.name for p in (run_dir / f"fold{f}").iterdir()}
-        assert names >= FOLD_FILES, names
+        assert names >= fold_files | {"history.csv", "done.json", "oof.npz", "test.npz"}, names
         assert "checkpoint.safetensors" not in names
     oof, test = load_predictions(run_dir / "oof.npz"), load_predictions(run_dir / "test.npz")
     assert oof.logp.shape == (len(folds.train), len(VLM_CLASSES))

@@ -18,18 +18,11 @@ from kit.config import TrainConfig
 from kit.folds import Folds
 from kit.train.checkpoint import load_weights, save_weights
 from kit.train.loop import evaluate
-from kit.train.runtime import (
-    autocast,
-    default_workers,
-    epoch_seed,
-    resolve_device,
-    seed_everything,
-    set_deterministic,
-)
+from kit.train.runtime import autocast, default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
 from kit.vlm.features import VisionCache, encoded_batches
 from kit.vlm.inputs import Prompter, pad_right
 from kit.vlm.model import ClassifierHead, EncodedImage, VisionLanguage, load_vlm, save_adapter
-from kit.vlm.trainer import LoraTrainer
+from kit.vlm.trainer import LoraTrainer, fit_epochs
 
 HEAD_FILE = "head.safetensors"
 
@@ -86,45 +79,49 @@ def fit_fold(
     labels = torch.tensor(np.asarray(folds.labels, dtype=np.int64))
     train_rows = np.flatnonzero(folds.fold_of_row != fold)
     valid_rows = np.flatnonzero(folds.fold_of_row == fold)
-    steps = -(-len(train_rows) // cfg.batch_size)
-    trainer = LoraTrainer(cfg, vl, head, device, steps)
+    trainer = LoraTrainer(cfg, vl, head, device, -(-len(train_rows) // cfg.batch_size))
     trainer.resume_if_any(fold_dir)
     cache = VisionCache(int(cfg.vlm.vision_cache_gb * 2**30))
     workers = default_workers(cfg.workers)
-    predict_size = cfg.predict_batch_size or 2 * cfg.batch_size
+
+    def batches(rows: np.ndarray, size: int = cfg.batch_size):
+        return encoded_batches(vl, prompter, list(paths[rows]), rows, size, workers, cache)
 
     def loss_fn(batch) -> tuple[torch.Tensor, int]:
         rows, images = batch
         y = labels[rows].to(device)
         return F.cross_entropy(logits(cfg, prompter, vl, head, images), y, label_smoothing=cfg.label_smoothing), len(y)
 
-    while trainer.epoch < cfg.epochs:
-        epoch = trainer.epoch
-        seed = epoch_seed(cfg.seed, fold, epoch)
-        seed_everything(seed)
-        order = np.random.default_rng(seed).permutation(train_rows)
-        batches = encoded_batches(vl, prompter, list(paths[order]), order, cfg.batch_size, workers, cache)
-        stats = trainer.train_epoch(batches, loss_fn, steps, f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
-        valid = encoded_batches(vl, prompter, list(paths[valid_rows]), valid_rows, predict_size, workers, cache)
-        logp = predict_batches(cfg, prompter, vl, head, valid, device)
-        row = {"epoch": epoch, **stats, **evaluate(logp, folds.labels[valid_rows])}
-        row["lr"] = trainer.scheduler.get_last_lr()[0]
-        stop = trainer.end_epoch(fold_dir, row, row["valid_loss"], lambda: save(vl, head, fold_dir))
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, row)
-        if stop:
-            break
+    def validate() -> dict:
+        logp = predict_batches(cfg, prompter, vl, head, batches(valid_rows, predict_size(cfg)), device)
+        return evaluate(logp, folds.labels[valid_rows])
+
+    fit_epochs(
+        cfg,
+        trainer,
+        fold,
+        fold_dir,
+        train_rows,
+        batches,
+        loss_fn,
+        validate,
+        lambda: save(vl, head, fold_dir),
+        on_epoch_end,
+    )
+
+
+def predict_size(cfg: TrainConfig) -> int:
+    return cfg.predict_batch_size or 2 * cfg.batch_size
 
 
 def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[[list[str]], np.ndarray]:
     """The fold's best adapter and head, as a function of image paths -> logp [N, C]."""
     device = resolve_device(cfg.device)
     prompter, vl, head = build(cfg, device, Path(run_dir) / f"fold{fold}", trainable=False)
-    size = cfg.predict_batch_size or 2 * cfg.batch_size
 
     def predict(paths: list[str]) -> np.ndarray:
         keys = np.arange(len(paths))
-        batches = encoded_batches(vl, prompter, list(paths), keys, size, default_workers(cfg.workers))
+        batches = encoded_batches(vl, prompter, list(paths), keys, predict_size(cfg), default_workers(cfg.workers))
         return predict_batches(cfg, prompter, vl, head, batches, device)
 
     return predict

@@ -3,10 +3,7 @@ gradient accumulation, per-epoch validation, best weights, and a one-file resuma
 
     trainer = LoraTrainer(cfg, vl, head, device, steps_per_epoch)
     trainer.resume_if_any(fold_dir)
-    while trainer.epoch < cfg.epochs:
-        stats = trainer.train_epoch(batches, loss_fn, desc)
-        ...
-        stop = trainer.end_epoch(fold_dir, row, row["valid_loss"], save_best)
+    fit_epochs(cfg, trainer, fold, fold_dir, train_rows, batches, loss_fn, validate, save_best, on_epoch_end)
 """
 
 from __future__ import annotations
@@ -16,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,7 +22,7 @@ from kit.config import TrainConfig
 from kit.io import write_text
 from kit.train.checkpoint import load_training_state, save_training_state
 from kit.train.loop import CHECKPOINT, FoldHistory, warmup_cosine
-from kit.train.runtime import autocast
+from kit.train.runtime import autocast, epoch_seed, seed_everything
 from kit.vlm.model import VisionLanguage
 
 
@@ -133,3 +131,35 @@ class LoraTrainer:
         save_training_state(Path(fold_dir) / CHECKPOINT, parts, meta)
         patience = self.cfg.patience
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
+
+
+def fit_epochs(
+    cfg: TrainConfig,
+    trainer: LoraTrainer,
+    fold: int,
+    fold_dir: Path,
+    train_rows: np.ndarray,
+    batches: Callable[[np.ndarray], Iterable],
+    loss_fn: Callable,
+    validate: Callable[[], dict],
+    save_best: Callable[[], None],
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> None:
+    """The epochs left of a fold: shuffle (a function of seed, fold, epoch), train, validate, checkpoint.
+
+    batches(rows) yields the training batches of `rows` in order; validate() returns the valid scores.
+    """
+    steps = -(-len(train_rows) // cfg.batch_size)
+    while trainer.epoch < cfg.epochs:
+        epoch = trainer.epoch
+        seed = epoch_seed(cfg.seed, fold, epoch)
+        seed_everything(seed)
+        order = np.random.default_rng(seed).permutation(train_rows)
+        stats = trainer.train_epoch(batches(order), loss_fn, steps, f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
+        with torch.no_grad():
+            row = {"epoch": epoch, **stats, **validate(), "lr": trainer.scheduler.get_last_lr()[0]}
+        stop = trainer.end_epoch(fold_dir, row, row["valid_loss"], save_best)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, row)
+        if stop:
+            break
