@@ -209,5 +209,39 @@ def predict(run, images, out, root) -> None:
     click.echo(f"wrote {s.path}: {s.rows} images x {s.columns} classes ({s.models} fold models, TTA {s.tta})")
 
 
+@main.command()
+@click.argument("preset_or_config", required=False, default="tiny")
+@click.option("--model", help="Any timm model name.")
+@click.option("--img-size", type=int)
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--steps", type=int, default=30, show_default=True, help="Timed steps per loop (after warm-up).")
+@click.option("--compile/--eager", "compiled", default=False, help="torch.compile both loops.")
+@click.option("--images", type=int, default=0, help="Also time the input pipeline on this many JPEG files.")
+@click.option("--device")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE")
+@ROOT
+def bench(preset_or_config, model, img_size, batch_size, steps, compiled, images, device, overrides, root) -> None:
+    """Time kit's training step against a hand-written loop.
+
+    Same process, device, model, batch, precision and memory format; prints images/s, peak memory,
+    MFU where known and the ratio. With --images N, also the share of time waiting for data.
+    """
+    from kit.bench import bench_input_pipeline, bench_training, format_rows, write_jpegs
+    from kit.config import load_config
+
+    quick = {"model": model, "img_size": img_size, "device": device, "compile": compiled or None}
+    cfg = load_config(preset_or_config, list(overrides), quick)
+    rows = bench_training(cfg, batch_size, steps)
+    click.echo(format_rows(rows))
+    if images:
+        paths = write_jpegs(root / ".cache" / "bench_jpegs", images)
+        cfg.img_size = cfg.img_size or 224
+        click.echo(format_rows(bench_input_pipeline(cfg, paths, batch_size, root / ".cache" / "images")))
+    click.echo(
+        f"kit / reference: {rows[0]['ratio_vs_reference']:.3f} ({rows[0]['images_per_s']} vs "
+        f"{rows[1]['images_per_s']} img/s)"
+    )
+
+
 if __name__ == "__main__":
     main()

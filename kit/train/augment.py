@@ -3,6 +3,10 @@ CHW tensors: normalisation happens on the device (4x less to copy, no float work
 
 from __future__ import annotations
 
+import os
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI at import; kit stays offline
+
 import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
