@@ -12,6 +12,7 @@ import cv2
 from albumentations.pytorch import ToTensorV2
 
 from kit.config import TrainConfig
+from kit.preprocess import EvalTransform
 
 
 def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
@@ -34,5 +35,6 @@ def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
     return A.Compose([*steps, ToTensorV2()], seed=cfg.seed)
 
 
-def eval_pipeline(size: int) -> A.Compose:
-    return A.Compose([A.Resize(size, size, interpolation=cv2.INTER_AREA), ToTensorV2()])
+def eval_pipeline(size: int) -> EvalTransform:
+    """Prediction-time preprocessing: Pillow only, so the offline bundle reproduces it exactly."""
+    return EvalTransform(size)

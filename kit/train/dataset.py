@@ -15,7 +15,6 @@ import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -23,6 +22,7 @@ from tqdm.auto import tqdm
 
 from kit.images import load_image
 from kit.io import atomic_path
+from kit.preprocess import resize_square
 
 
 class ImageDataset(Dataset):
@@ -68,8 +68,8 @@ def _fill(args: tuple[str, int, int, list[str], int]) -> int:
     file, n, size, paths, start = args
     target = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
     for offset, path in enumerate(paths):
-        # the same resize as the eval pipeline's, so cached and freshly decoded predictions agree exactly
-        target[start + offset] = cv2.resize(np.asarray(load_image(path)), (size, size), interpolation=cv2.INTER_AREA)
+        # the eval pipeline's own resize, so cached and freshly decoded predictions agree exactly
+        target[start + offset] = resize_square(np.asarray(load_image(path)), size)
     target.flush()
     return len(paths)
 
