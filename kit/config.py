@@ -96,6 +96,9 @@ class TrainConfig:
     vlm: VLMConfig = field(default_factory=VLMConfig)
 
 
+# What runs/<run>/config.json records beside the config itself; dropped when it is read back as a config.
+RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
+
 # Changing these does not change what a run computes, so a resumed run may use other values.
 RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name"}
 
@@ -196,7 +199,8 @@ def resolve_source(preset_or_path: str | None) -> tuple[dict[str, Any], str]:
     if path.suffix in (".yaml", ".yml", ".json"):
         if not path.is_file():
             raise KitError(f"{path}: config file not found")
-        return read_yaml(path), str(path)
+        data = read_yaml(path)  # YAML is a superset of JSON, so a run's config.json reads here too
+        return {k: v for k, v in data.items() if k not in RUN_RECORD_KEYS}, str(path)
     preset = PRESETS_DIR / f"{preset_or_path}.yaml"
     if not preset.is_file():
         raise KitError(f"{preset_or_path}: no such preset (presets: {', '.join(list_presets())}) or config file")
@@ -239,6 +243,15 @@ def validate(cfg: TrainConfig) -> list[str]:
     checks = [
         (cfg.family in ("timm", "vlm", "probe"), f"family {cfg.family!r} must be timm, vlm or probe"),
         (cfg.epochs >= 1, "epochs must be >= 1"),
+        (cfg.img_size >= 0, "img_size must be >= 0 (0: the model's own)"),
+        (
+            all(0 <= p <= 1 for p in (cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.coarse_dropout)),
+            "hflip, vflip, color_jitter and coarse_dropout are probabilities in [0, 1]",
+        ),
+        (
+            cfg.mixup >= 0 and cfg.cutmix >= 0 and 0 <= cfg.label_smoothing < 1,
+            "mixup/cutmix >= 0, label_smoothing in [0, 1)",
+        ),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.lr > 0, "lr must be > 0"),
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),

@@ -8,6 +8,7 @@ Finished folds (fold<k>/done.json) are skipped; an unfinished fold resumes from 
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from collections.abc import Callable
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from kit import __version__
-from kit.config import TrainConfig, config_changes, to_dict
+from kit.config import RUN_RECORD_KEYS, TrainConfig, config_changes, to_dict
 from kit.errors import KitError
 from kit.folds import Folds, load_folds
 from kit.io import read_json, write_json
@@ -26,7 +27,7 @@ from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_spac
 from kit.train.families import get_family
 from kit.train.lock import RunLock
 
-RUN_META_KEYS = ("folds_sha256", "classes", "kit_version")
+RUN_META_KEYS = RUN_RECORD_KEYS
 
 
 @dataclass
@@ -79,7 +80,7 @@ def train_run(
     if bad:
         raise KitError(f"--fold {bad[0]}: folds are 0..{folds.k - 1}")
     family = get_family(cfg.family)
-    cfg = family.resolve_config(cfg, folds)
+    cfg = family.resolve_config(copy.deepcopy(cfg), folds)  # the caller's config stays as given
     run_dir = root / RUNS_DIR / cfg.name
     with RunLock(run_dir):
         _write_config(run_dir, cfg, folds)
