@@ -152,7 +152,10 @@ def save_adapter(model: nn.Module, fold_dir: Path) -> None:
     fold_dir = Path(fold_dir)
     with tempfile.TemporaryDirectory(dir=fold_dir, prefix=".adapter.") as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        umask = os.umask(0)
+        os.umask(umask)
         for name in ADAPTER_FILES:
+            os.chmod(Path(tmp) / name, 0o666 & ~umask)  # safetensors writes 0600 files; artifacts are shared
             os.replace(Path(tmp) / name, fold_dir / name)
 
 

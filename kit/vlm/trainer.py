@@ -76,21 +76,22 @@ class LoraTrainer:
     def train_epoch(self, batches: Iterable, loss_fn: Callable, total: int, desc: str) -> dict:
         """One pass: loss_fn(batch) -> (loss, n_rows) for each batch of `batches`."""
         self.train(True)
-        loss_sum, count, start = 0.0, 0, time.perf_counter()
+        loss_sum, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
         bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
         for step, batch in enumerate(batches):
             with autocast(self.device, self.cfg.precision):
                 loss, n = loss_fn(batch)
             self.step(loss, step, step == total - 1)
-            loss_sum += float(loss.detach()) * n
+            loss_sum += loss.detach().float() * n  # summed on the device: no host sync per step
             count += n
             bar.update()
-            bar.set_postfix(loss=f"{loss_sum / max(count, 1):.4f}")
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / max(count, 1):.4f}")
         bar.close()
         self.train(False)
         seconds = time.perf_counter() - start
         return {
-            "train_loss": loss_sum / max(count, 1),
+            "train_loss": float(loss_sum) / max(count, 1),
             "seconds": round(seconds, 3),
             "images_per_s": round(count / max(seconds, 1e-9), 1),
         }
@@ -129,6 +130,11 @@ class LoraTrainer:
         write_text(Path(fold_dir) / "history.csv", self.history.csv())
         parts, meta = self.state()
         save_training_state(Path(fold_dir) / CHECKPOINT, parts, meta)
+        return self.stopped
+
+    @property
+    def stopped(self) -> bool:
+        """Early stopping: `patience` epochs without a better validation loss (also after a resume)."""
         patience = self.cfg.patience
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
 
@@ -150,7 +156,7 @@ def fit_epochs(
     batches(rows) yields the training batches of `rows` in order; validate() returns the valid scores.
     """
     steps = -(-len(train_rows) // cfg.batch_size)
-    while trainer.epoch < cfg.epochs:
+    while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
         seed_everything(seed)
