@@ -65,9 +65,15 @@ def main() -> None:
 @click.option("--skip-bad", is_flag=True, help="Drop unreadable training images (and list them) instead of stopping.")
 @click.option(
     "--max-distance",
-    default=6,
+    default=8,
     show_default=True,
-    help="Largest perceptual-hash Hamming distance (of 64 bits) counted as a near-duplicate.",
+    help="Largest perceptual-hash Hamming distance (of 64 bits) that proposes a near-duplicate pair.",
+)
+@click.option(
+    "--min-similarity",
+    default=0.99,
+    show_default=True,
+    help="Thumbnail correlation that confirms a hash match as a near-duplicate.",
 )
 @click.option("--workers", type=int, help="Processes decoding images (default: all cores).")
 @ROOT
@@ -86,6 +92,7 @@ def folds(
     merge_classes,
     skip_bad,
     max_distance,
+    min_similarity,
     workers,
     root,
 ) -> None:
@@ -98,7 +105,7 @@ def folds(
     from kit.folds import make_folds
 
     options = LayoutOptions(layout, sample, train_csv, test_csv, train_dir, test_dir, id_col, label_col)
-    s = make_folds(data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, workers)
+    s = make_folds(data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, min_similarity, workers)
     for line in s.skipped:
         click.echo(f"skipped: {line}", err=True)
     if s.duplicate_pairs_train_test:

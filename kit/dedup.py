@@ -1,9 +1,11 @@
 """Near-duplicate detection over perceptual hashes.
 
-Images whose 64-bit hashes differ in at most `max_distance` bits are the same photo (re-encoded,
-resized); `group_ids` joins them transitively so they share a fold:
+Hashes within `max_distance` bits propose pairs; each proposal is confirmed only if the two images'
+grey thumbnails correlate at `min_similarity` or more. The hash alone is not enough: photos of regular
+structures (solar cells, documents, tiles) share low frequencies and would chain into huge false groups.
+`group_ids` then joins confirmed pairs transitively so each group shares a fold:
 
-    pairs = near_duplicate_pairs(hashes, max_distance=6)
+    pairs = find_near_duplicates(hashes, thumbs)
     groups = group_ids(len(hashes), pairs)
 """
 
@@ -30,6 +32,33 @@ def near_duplicate_pairs(
             i, j = i[keep], j[keep]
         found.append(np.stack([i, j], axis=1))
     return np.concatenate(found) if found else np.zeros((0, 2), dtype=np.int64)
+
+
+def thumbnail_similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Pearson correlation of flattened thumbnails, row by row: 1 for the same picture."""
+    if not len(a):
+        return np.zeros(0)
+    a = a.reshape(len(a), -1).astype(np.float64)
+    b = b.reshape(len(b), -1).astype(np.float64)
+    a -= a.mean(axis=1, keepdims=True)
+    b -= b.mean(axis=1, keepdims=True)
+    norm = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return np.divide((a * b).sum(axis=1), norm, out=np.ones(len(a)), where=norm > 0)
+
+
+def find_near_duplicates(
+    hashes: np.ndarray,
+    thumbs: np.ndarray,
+    other_hashes: np.ndarray | None = None,
+    other_thumbs: np.ndarray | None = None,
+    max_distance: int = 8,
+    min_similarity: float = 0.99,
+) -> np.ndarray:
+    """Hash-proposed pairs whose thumbnails confirm them (within one set, or between two sets)."""
+    pairs = near_duplicate_pairs(hashes, other_hashes, max_distance)
+    right = thumbs if other_thumbs is None else other_thumbs
+    similar = thumbnail_similarity(thumbs[pairs[:, 0]], right[pairs[:, 1]]) >= min_similarity
+    return pairs[similar]
 
 
 def group_ids(n: int, pairs: np.ndarray) -> np.ndarray:

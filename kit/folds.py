@@ -21,7 +21,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from kit.data import Competition, LayoutOptions, check_classes, read_competition, read_sample_submission
-from kit.dedup import group_ids, near_duplicate_pairs
+from kit.dedup import find_near_duplicates, group_ids
 from kit.errors import KitError
 from kit.images import ImageInfo, inspect_image
 from kit.io import read_json, sha256_file, write_json, write_text
@@ -127,7 +127,8 @@ def make_folds(
     options: LayoutOptions | None = None,
     merge_classes: Path | None = None,
     skip_bad: bool = False,
-    max_distance: int = 6,
+    max_distance: int = 8,
+    min_similarity: float = 0.99,
     workers: int | None = None,
 ) -> FoldsSummary:
     if k < 2:
@@ -155,10 +156,13 @@ def make_folds(
     train_info = [info for info, ok in zip(train_info, good, strict=True) if ok]
     check_classes(train, comp.sample, str(data_dir), merge_names)
 
-    train_hash = np.array([i.phash for i in train_info], dtype=np.uint64)
-    test_hash = np.array([i.phash for i in test_info], dtype=np.uint64)
-    pairs = near_duplicate_pairs(train_hash, max_distance=max_distance)
-    cross = near_duplicate_pairs(train_hash, test_hash, max_distance=max_distance)
+    hashes = [np.array([i.phash for i in info], dtype=np.uint64) for info in (train_info, test_info)]
+    thumbs = [
+        np.array([np.frombuffer(i.thumb, np.uint8) for i in info]).reshape(len(info), -1)
+        for info in (train_info, test_info)
+    ]
+    pairs = find_near_duplicates(hashes[0], thumbs[0], max_distance=max_distance, min_similarity=min_similarity)
+    cross = find_near_duplicates(hashes[0], thumbs[0], hashes[1], thumbs[1], max_distance, min_similarity)
     train["group"] = group_ids(len(train), pairs)
     labels = train["label"].map({c: i for i, c in enumerate(comp.classes)}).to_numpy()
     train["fold"] = assign_folds(labels, train["group"].to_numpy(), k, seed)
@@ -172,7 +176,7 @@ def make_folds(
         merge_names,
         k,
         seed,
-        max_distance,
+        {"max_hamming_distance": max_distance, "min_thumbnail_similarity": min_similarity},
         FoldsSummary(
             len(train), len(comp.test), k, int(train["group"].nunique()), len(pairs), len(cross), bad_train, small, ""
         ),
@@ -187,7 +191,7 @@ def _write_folds(
     merge_names: list[list[str]],
     k: int,
     seed: int,
-    max_distance: int,
+    dedup_settings: dict,
     summary: FoldsSummary,
     cross_label_pairs: int,
 ) -> FoldsSummary:
@@ -212,7 +216,7 @@ def _write_folds(
             "n_train": summary.n_train,
             "n_test": summary.n_test,
             "near_duplicates": {
-                "max_hamming_distance": max_distance,
+                **dedup_settings,
                 "groups": summary.n_groups,
                 "pairs_within_train": summary.duplicate_pairs_train,
                 "pairs_across_labels": cross_label_pairs,

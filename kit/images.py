@@ -51,6 +51,7 @@ class ImageInfo:
     width: int
     height: int
     phash: int  # 64-bit perceptual hash, see perceptual_hash
+    thumb: bytes = b""  # 32x32 grey thumbnail (uint8) that confirms a hash match, see dedup.confirm_pairs
 
 
 def perceptual_hash(image: Image.Image) -> int:
@@ -65,6 +66,11 @@ def perceptual_hash(image: Image.Image) -> int:
     low = dctn(grey, norm="ortho")[:8, :8].ravel()
     bits = low > np.median(low[1:])
     return int(np.packbits(bits).view(">u8")[0])
+
+
+def grey_thumbnail(image: Image.Image, size: int = 32) -> np.ndarray:
+    """Area-averaged grey thumbnail: the pixel-level check behind a near-duplicate hash match."""
+    return np.asarray(image.convert("L").resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
 
 
 def inspect_image(path: Path | str) -> ImageInfo | str:
@@ -85,4 +91,4 @@ def inspect_image(path: Path | str) -> ImageInfo | str:
         if Path(path).exists() and Path(path).stat().st_size == 0:
             reason = "empty file (0 bytes)"
         return f"cannot decode image: {reason}"
-    return ImageInfo(image.width, image.height, perceptual_hash(image))
+    return ImageInfo(image.width, image.height, perceptual_hash(image), grey_thumbnail(image).tobytes())

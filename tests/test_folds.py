@@ -217,7 +217,8 @@ def test_duplicate_counts_in_classes_json(planted, tmp_path):
     assert (summary.duplicate_pairs_train, summary.duplicate_pairs_train_test) == (4, 1)
     dup = read_json(tmp_path / "folds" / "classes.json")["near_duplicates"]
     assert dup == {
-        "max_hamming_distance": 6,
+        "max_hamming_distance": 8,
+        "min_thumbnail_similarity": 0.99,
         "groups": 39,
         "pairs_within_train": 4,  # p1: three pairs, p2: one
         "pairs_across_labels": 1,  # p2 labelled b and c
@@ -327,3 +328,29 @@ def test_merge_classes_file_errors(tmp_path):
     path.write_text(json.dumps([["a", "b"], ["c", "d"]]), encoding="utf-8")
     assert read_merge_groups(path, classes) == [["a", "b"], ["c", "d"]]
     assert read_merge_groups(None, classes) == []
+
+
+def test_lookalike_real_photos_are_not_chained_into_false_groups():
+    """Real electroluminescence photos of distinct solar cells (elpv-dataset, the demo's data) share
+    low frequencies, so their hashes alone chain into one huge false group; the thumbnail check keeps
+    them apart while a re-encoded, resized copy is still joined to its original."""
+    import io
+
+    from PIL import Image
+
+    elpv = pytest.importorskip("elpv_dataset.utils")
+    from kit.dedup import find_near_duplicates, group_ids, near_duplicate_pairs
+    from kit.images import grey_thumbnail, perceptual_hash
+
+    images = elpv.load_dataset()[0]
+    pictures = [Image.fromarray(a) for a in images]
+    buffer = io.BytesIO()
+    pictures[0].convert("RGB").resize((180, 180)).save(buffer, "JPEG", quality=40)
+    pictures.append(Image.open(buffer))
+    hashes = np.array([perceptual_hash(p) for p in pictures], dtype=np.uint64)
+    thumbs = np.stack([grey_thumbnail(p).ravel() for p in pictures])
+    hash_only = group_ids(len(pictures), near_duplicate_pairs(hashes, max_distance=8))
+    confirmed = group_ids(len(pictures), find_near_duplicates(hashes, thumbs, max_distance=8))
+    assert np.bincount(hash_only).max() > 100  # measured: 653 photos in one false group
+    assert np.bincount(confirmed).max() <= 30  # measured: 26
+    assert confirmed[0] == confirmed[-1]
