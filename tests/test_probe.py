@@ -75,3 +75,16 @@ def test_predictor_embeds_images_from_elsewhere(vlm_root, tmp_path):
         copies[-1].write_bytes(Path(src).read_bytes())
     predict = load_predictor(cfg, vlm_root / "runs" / "probe_timm_new", 0, vlm_root)
     np.testing.assert_allclose(predict([str(p) for p in copies]), predict(test), atol=1e-5)
+
+
+def test_kit_train_cli_runs_a_vlm_probe(tiny_qwen, vlm_root):
+    from click.testing import CliRunner
+
+    from kit.cli import main
+
+    args = ["train", "--model", f"probe:{tiny_qwen}", "--name", "probe_cli", "--root", str(vlm_root)]
+    args += ["--set", "vlm.min_pixels=3136", "--set", "vlm.max_pixels=3136", "--set", "workers=0"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "probe_cli" in result.output and "CV log loss" in result.output
+    assert (vlm_root / "runs" / "probe_cli" / "oof_features.npz").is_file()

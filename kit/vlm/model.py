@@ -1,8 +1,8 @@
 """A Hugging Face VLM as a frozen image encoder plus a LoRA-tuned language model.
 
-    vl = load_vlm(cfg, device, lm_head=False)                # base model (+4-bit) with a fresh LoRA adapter
-    images = vl.encode_images(pixel_batch)                   # frozen tower, no_grad: cache these per image
-    hidden, mask = vl.hidden(ids_list, images)               # language model over prompt + image tokens
+    vl = load_vlm(cfg, device, lm_head=False)     # base model (+4-bit) with a fresh LoRA adapter
+    images = vl.encode_images(pixel_batch)        # frozen tower, no_grad: cache these per image
+    hidden = vl.hidden(ids, mask, images)         # language model over prompt + image tokens [B, L, H]
 
 The vision tower and projector never join the autograd graph: they run under `torch.no_grad()`, stay
 in eval mode, get no LoRA (adapters are restricted to the language model by a regex) and keep no
@@ -75,18 +75,19 @@ def load_base(cfg: TrainConfig, device: torch.device, lm_head: bool) -> nn.Modul
 
 
 def _prepare_kbit(model: nn.Module, dtype: torch.dtype) -> None:
-    """peft's k-bit preparation (frozen base, fp32 norms), minus its fp32 copies of the big frozen parts.
+    """peft's k-bit preparation (frozen, norms in fp32) of the language model only.
 
-    prepare_model_for_kbit_training casts every unquantized tensor to fp32; for the vision tower and the
-    embeddings of a 7B model that is ~7 GB for nothing, as they are frozen and run under autocast.
+    prepare_model_for_kbit_training casts every unquantized tensor it is given to fp32. Given the whole
+    model, that is the vision tower, projector, embeddings and LM head too: ~7 GB more at 7B, for frozen
+    parts that run under autocast anyway. So it gets the language model, and the embeddings go back to
+    the compute dtype; checkpointing is set up separately (enable_checkpointing).
     """
     from peft import prepare_model_for_kbit_training
 
-    prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    lm = model.get_submodule(language_model_name(model))
+    prepare_model_for_kbit_training(lm, use_gradient_checkpointing=False)
     if dtype != torch.float32:
-        for name, module in model.named_modules():
-            if name.rsplit(".", 1)[-1] in (*VISION_MODULES, "embed_tokens", "lm_head"):
-                module.to(dtype)
+        lm.get_input_embeddings().to(dtype)
 
 
 def language_model_name(model: nn.Module) -> str:
@@ -186,6 +187,9 @@ class VisionLanguage:
         self.vision = [m for n, m in self.core.named_children() if n in VISION_MODULES]
         self.image_token_id = int(self.config.image_token_id)
         self.grid = hasattr(self.core, "get_rope_index")
+        # transformers 5.2x wants the modality of each token for the 3D positions, earlier versions do not
+        rope_args = inspect.signature(self.core.get_rope_index).parameters if self.grid else {}
+        self._token_types = "mm_token_type_ids" in rope_args
         cache_arg = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else None
         self._cache_arg = cache_arg or "past_key_values"
 
@@ -247,9 +251,8 @@ class VisionLanguage:
         if not self.grid:
             return None
         grid = torch.stack([im.grid for im in images]).to(self.device)
-        params = inspect.signature(self.core.get_rope_index).parameters
         kwargs = {"image_grid_thw": grid, "attention_mask": mask}
-        if "mm_token_type_ids" in params:
+        if self._token_types:
             kwargs["mm_token_type_ids"] = (ids == self.image_token_id).int()
         position_ids, _ = self.core.get_rope_index(ids, **kwargs)
         return position_ids
@@ -279,12 +282,11 @@ class ClassifierHead(nn.Module):
         nn.init.zeros_(self.fc.bias)
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
-        hidden = hidden.float()
         if self.pooling == "mean":
-            weights = image_slots.to(hidden.device, hidden.dtype).unsqueeze(-1)
-            return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
+            weights = image_slots.to(hidden.device, torch.float32).unsqueeze(-1)
+            return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
         last = mask.to(hidden.device).sum(1) - 1  # right padding: the last real token
-        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+        return hidden[torch.arange(len(hidden), device=hidden.device), last].float()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(hidden, mask, image_slots))
