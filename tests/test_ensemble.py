@@ -1,0 +1,128 @@
+"""kit ensemble: honest (cross-fitted) scores, every method, weights and temperatures, refusals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kit.ensemble import fit_ensemble
+from kit.ensemble.synthetic import DEFAULT_MEMBERS, MemberSpec, write_synthetic_project
+from kit.errors import KitError
+from kit.io import write_json
+from kit.metrics import score
+from kit.preds import Predictions, load_predictions, save_predictions
+
+NAMES = [m.name for m in DEFAULT_MEMBERS]
+METHODS = ["weights", "stack", "gated", "transformer", "bilinear"]
+
+
+@pytest.fixture(scope="module")
+def informative(tmp_path_factory) -> Path:
+    root = write_synthetic_project(tmp_path_factory.mktemp("informative"), DEFAULT_MEMBERS, 700, 60, 10, seed=3)
+    fit_ensemble(root, NAMES, "all", method="auto", trials=6)
+    return root
+
+
+def test_random_labels_every_method_stays_at_log_c(tmp_path: Path):
+    # The members see a world whose labels were replaced by uniform noise: nothing can be learned, so an
+    # honest score is log(C) or worse. In-sample figures of the flexible methods dip below it.
+    n_classes = 8
+    root = write_synthetic_project(tmp_path, DEFAULT_MEMBERS, 700, 40, n_classes, seed=1, random_labels=True)
+    summary = fit_ensemble(root, NAMES, "noise", method="auto", trials=6)
+    assert set(summary.methods) == set(METHODS)
+    for method, s in summary.methods.items():
+        assert s["cv"]["log_loss"] >= math.log(n_classes) - 0.005, method
+    oof = load_predictions(root / "ensembles" / "noise" / "oof.npz")
+    labels = np.array([int(c.split()[-1]) for c in _train_labels(root)])
+    assert score(labels, oof.probs)["log_loss"] == pytest.approx(summary.cv_log_loss, abs=1e-5)
+
+
+def _train_labels(root: Path) -> list[str]:
+    lines = (root / "folds" / "train.csv").read_text().splitlines()[1:]
+    return [line.split(",")[2] for line in lines]
+
+
+def test_informative_members_every_method_beats_the_best_member(informative: Path):
+    recipe = json.loads((informative / "ensembles" / "all" / "recipe.json").read_text())
+    best_member = min(m["oof"]["log_loss"] for m in recipe["scores"]["members"].values())
+    for method, s in recipe["scores"]["methods"].items():
+        assert s["cv"]["log_loss"] < best_member - 0.02, method
+    chosen = recipe["scores"]["methods"][recipe["method"]]["cv"]["log_loss"]
+    assert chosen == min(s["cv"]["log_loss"] for s in recipe["scores"]["methods"].values())
+    assert recipe["cv_log_loss"] == chosen
+
+
+def test_oof_npz_holds_the_cross_fitted_predictions(informative: Path):
+    out = informative / "ensembles" / "all"
+    recipe = json.loads((out / "recipe.json").read_text())
+    oof = load_predictions(out / "oof.npz")
+    labels = np.array([int(c.split()[-1]) for c in _train_labels(informative)])
+    assert score(labels, oof.probs)["log_loss"] == pytest.approx(recipe["cv_log_loss"], abs=1e-5)
+    ens = recipe["scores"]["ensemble"]
+    assert ens["in_sample"]["log_loss"] != pytest.approx(ens["cv"]["log_loss"], abs=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["oof.npz", "test.npz", "recipe.json", "report.png"] + (["params.safetensors"] if recipe["params_file"] else [])
+    )
+    assert recipe["folds_sha256"] and recipe["classes"][0] == "class 000"
+
+
+@pytest.mark.parametrize("space", ["prob", "log"])
+def test_weights_lie_on_the_simplex(informative: Path, space: str):
+    s = fit_ensemble(informative, NAMES, f"w_{space}", method="weights", trials=8, space=space)
+    recipe = json.loads((s.path / "recipe.json").read_text())
+    w = np.array(recipe["weights"])
+    assert (w >= 0).all() and w.sum() == pytest.approx(1.0, abs=1e-9)
+    assert len(recipe["temperatures"]) == len(NAMES) and recipe["global_temperature"] > 0
+    assert recipe["space"] == space
+    # the weak member gets the least weight
+    assert np.argmin(w) == NAMES.index("weak")
+
+
+def test_temperature_scaling_lowers_the_log_loss_of_an_overconfident_member(tmp_path: Path):
+    members = [MemberSpec("overconfident", strength=2.5, scale=2.5), MemberSpec("plain", strength=2.5)]
+    root = write_synthetic_project(tmp_path, members, 500, 20, 8, seed=2)
+    s = fit_ensemble(root, ["overconfident", "plain"], "cal", method="weights", trials=0)
+    over = next(m for m in s.members if m.name == "overconfident")
+    assert over.temperature > 1.5
+    assert over.scaled_cv["log_loss"] < over.oof["log_loss"] - 0.1
+    assert over.scaled_cv["accuracy"] == pytest.approx(over.oof["accuracy"])
+
+
+def test_members_with_different_folds_are_refused(tmp_path: Path):
+    root = write_synthetic_project(tmp_path / "a", DEFAULT_MEMBERS[:2], 100, 10, 5, seed=0)
+    other = write_synthetic_project(tmp_path / "b", DEFAULT_MEMBERS[:1], 100, 10, 5, seed=9)
+    foreign = root / "runs" / "foreign"
+    for f in ("config.json", "oof.npz", "test.npz"):
+        (foreign / f).parent.mkdir(parents=True, exist_ok=True)
+        (foreign / f).write_bytes((other / "runs" / DEFAULT_MEMBERS[0].name / f).read_bytes())
+    with pytest.raises(KitError, match=r"runs/foreign: made from other folds"):
+        fit_ensemble(root, [NAMES[0], "foreign"], "x", method="weights", trials=0)
+
+
+def test_members_with_other_classes_or_fold_columns_are_refused(tmp_path: Path):
+    root = write_synthetic_project(tmp_path, DEFAULT_MEMBERS[:2], 100, 10, 5, seed=0)
+    run = root / "runs" / NAMES[1]
+    config = json.loads((run / "config.json").read_text())
+    write_json(run / "config.json", {**config, "classes": config["classes"][::-1]})
+    with pytest.raises(KitError, match=rf"runs/{NAMES[1]}: its classes differ"):
+        fit_ensemble(root, NAMES[:2], "x", method="weights", trials=0)
+    write_json(run / "config.json", config)
+    oof = load_predictions(run / "oof.npz")
+    save_predictions(run / "oof.npz", Predictions(oof.ids, oof.logp, (oof.fold + 1) % 5))
+    with pytest.raises(KitError, match=rf"runs/{NAMES[1]}/oof.npz: row 0 was predicted by fold"):
+        fit_ensemble(root, NAMES[:2], "x", method="weights", trials=0)
+
+
+def test_equivalent_classes_are_merged_when_scoring(tmp_path: Path):
+    # Classes 0 and 1 are declared identical: splitting probability between them costs nothing.
+    root = write_synthetic_project(tmp_path, DEFAULT_MEMBERS[:2], 400, 20, 6, seed=4, merge_groups=((0, 1),))
+    s = fit_ensemble(root, NAMES[:2], "merged", method="weights", trials=0)
+    oof = load_predictions(s.path / "oof.npz")
+    labels = np.array([int(c.split()[-1]) for c in _train_labels(root)])
+    merged = score(labels, oof.probs, [[0, 1]])["log_loss"]
+    assert s.cv_log_loss == pytest.approx(merged, abs=1e-6)
+    assert s.cv_log_loss < score(labels, oof.probs)["log_loss"]
