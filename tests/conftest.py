@@ -82,4 +82,4 @@ def kaggle_dir(tmp_path: Path) -> Path:
 
 
 # Session fixtures of the vlm and probe tests: tiny VLM checkpoints and a shared 4-class competition.
-from vlm_fixtures import tiny_llava, tiny_qwen, vlm_root  # noqa: E402, F401
+from vlm_fixtures import single_thread, tiny_llava, tiny_qwen, vlm_root  # noqa: E402, F401

@@ -15,6 +15,8 @@ from kit.preds import load_predictions
 from kit.probe.encoders import build_encoder
 from kit.train.driver import run_config, train_run
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 FOLD_FILES = {"head.safetensors", "history.csv", "done.json", "oof.npz", "test.npz"}
 
 

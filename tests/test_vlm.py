@@ -19,6 +19,8 @@ from kit.vlm import head as head_mode
 from kit.vlm.features import encoded_batches
 from kit.vlm.trainer import LoraTrainer
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CPU = torch.device("cpu")
 FOLD_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "history.csv", "done.json"}
 
@@ -125,3 +127,10 @@ def test_interrupted_fold_resumes_from_its_checkpoint(tiny_llava, vlm_root):
     history = (fold_dir / "history.csv").read_text().splitlines()
     assert len(history) == 3 and history[:2] == first  # header, epoch 0 kept, epoch 1 added
     assert (fold_dir / "done.json").is_file()
+
+
+def test_options_the_vlm_family_does_not_use_are_errors(tiny_qwen, vlm_root):
+    from kit.errors import KitError
+
+    with pytest.raises(KitError, match="ema_decay, mixup"):
+        train_run(tiny_config(tiny_qwen, "name=head_ema", "ema_decay=0.99", "mixup=0.2"), vlm_root)

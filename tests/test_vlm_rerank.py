@@ -19,6 +19,8 @@ from kit.vlm.model import load_vlm
 from kit.vlm.rerank import candidates, combine, with_truth
 from kit.vlm.scoring import candidate_prompt, label_scores
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 CPU = torch.device("cpu")
 
 

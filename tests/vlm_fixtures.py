@@ -59,3 +59,15 @@ def vlm_root(tmp_path_factory) -> Path:
     data = make_competition(root / "data", classes=VLM_CLASSES, n_per_class=4, n_test=4)
     make_folds(data, root=root, k=2, workers=1)
     return root
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: the tiny models gain nothing from two, and on a busy 2-core machine two
+    threads per process spin against each other (a 4x slower suite was measured)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -38,7 +38,11 @@ def _mode(cfg: TrainConfig) -> ModuleType:
 
 
 def resolve_config(cfg: TrainConfig, folds: Folds) -> TrainConfig:
-    """Record the class count and the model's fixed input size; VLM predictions use no flip TTA."""
+    """Record the class count and the model's fixed input size; VLM predictions use no flip TTA.
+
+    Images are used as they are (no augmentation, mixup or EMA): each image's frozen-tower output is
+    then the same every epoch and is computed once.
+    """
     check_model_path(cfg.model)
     if cfg.vlm.head == "probe":
         return _mode(cfg).resolve_config(cfg, folds)
@@ -46,6 +50,9 @@ def resolve_config(cfg: TrainConfig, folds: Folds) -> TrainConfig:
 
     from kit.vlm.inputs import is_grid_model
 
+    unused = [k for k in ("ema_decay", "mixup", "cutmix", "compile") if getattr(cfg, k)]
+    if unused:  # silently ignoring them would mislead: say so once, before any model is loaded
+        raise KitError(f"{', '.join(unused)}: not used by the vlm family; set them to 0 / false")
     cfg.num_classes = len(folds.classes)
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.vlm.trust_remote_code)

@@ -68,6 +68,8 @@ def load_base(cfg: TrainConfig, device: torch.device, lm_head: bool) -> nn.Modul
         model = auto.from_pretrained(cfg.model, **kwargs)
     except (OSError, ValueError) as e:
         raise KitError(f"model {cfg.model!r}: cannot load ({str(e).splitlines()[0][:200]})") from None
+    except ImportError as e:  # 4-bit without bitsandbytes, or a model needing a missing package
+        raise KitError(f"model {cfg.model!r}: a package is missing ({str(e).splitlines()[0][:200]})") from None
     model.requires_grad_(False)
     if cfg.vlm.load_in_4bit:
         _prepare_kbit(model, dtype)

@@ -100,7 +100,7 @@ class Reranker:
         prompts = [self.prompt(c, im.features.shape[0]) for c, im in zip(cands, images, strict=True)]
         if self.letters:
             truth = torch.tensor([int(np.flatnonzero(c == y)[0]) for c, y in zip(cands, labels, strict=True)])
-            return letter_loss(self.vl, prompts, images, self.letter_ids, truth)
+            return letter_loss(self.vl, prompts, images, self.letter_ids, truth, self.pad)
         answers = [self.prompter.answer_ids(self.classes[y]) for y in labels]
         return sequence_loss(self.vl, prompts, answers, images, self.pad)
 

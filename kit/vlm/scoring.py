@@ -60,10 +60,15 @@ def sequence_loss(
 
 
 def letter_loss(
-    vl: VisionLanguage, prompts: list[list[int]], images: list[EncodedImage], letters: list[int], truth: torch.Tensor
+    vl: VisionLanguage,
+    prompts: list[list[int]],
+    images: list[EncodedImage],
+    letters: list[int],
+    truth: torch.Tensor,
+    pad_id: int,
 ) -> torch.Tensor:
     """Cross-entropy over the K option letters only: the same softmax the scores use."""
-    return F.cross_entropy(letter_scores(vl, prompts, images, letters, pad_id=0), truth.to(vl.device))
+    return F.cross_entropy(letter_scores(vl, prompts, images, letters, pad_id), truth.to(vl.device))
 
 
 def letter_scores(
