@@ -12,26 +12,15 @@ from pathlib import Path
 import pytest
 
 VLM_CLASSES = ("cat", "dog", "bird", "fish")
-TINY_SETTINGS = [
-    "family=vlm",
-    "vlm.min_pixels=3136",  # 56x56: 16 patches -> 4 image tokens per image
-    "vlm.max_pixels=3136",
-    "vlm.lora_r=4",
-    "vlm.lora_alpha=8",
-    "epochs=1",
-    "batch_size=4",
-    "lr=0.001",
-    "warmup_epochs=0",
-    "workers=0",
-    "device=cpu",
-]
+TINY_SETTINGS = ["workers=0", "device=cpu"]  # on top of kit.vlm.tiny.TINY_VLM_SETTINGS
 
 
 def tiny_config(model: Path, *overrides: str):
     """A vlm config for the tiny models: one epoch, 4 image tokens, CPU."""
     from kit.config import load_config
+    from kit.vlm.tiny import TINY_VLM_SETTINGS
 
-    return load_config(None, [f"model={model}", *TINY_SETTINGS, *overrides])
+    return load_config(None, [f"model={model}", *TINY_VLM_SETTINGS, *TINY_SETTINGS, *overrides])
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ of the kit loads it exactly like a real checkpoint directory:
 
     path = build_tiny_qwen2_5_vl(Path("models/tiny-qwen2.5-vl"))
     path = build_tiny_llava(Path("models/tiny-llava"))
+    cfg = load_config(None, [f"model={path}", *TINY_VLM_SETTINGS])   # a run that takes seconds on a CPU
 """
 
 from __future__ import annotations
@@ -27,6 +28,19 @@ _QWEN_SPECIALS = [
 ]
 _LLAVA_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"]
 _ENDS = ("<|endoftext|>", "<|im_end|>")
+
+# Config overrides that keep a run on the tiny models to seconds: 4 image tokens, rank-4 LoRA, 1 epoch.
+TINY_VLM_SETTINGS = [
+    "family=vlm",
+    "vlm.min_pixels=3136",  # 56x56: 16 patches -> 4 image tokens per image (LLaVA: its fixed 28 px)
+    "vlm.max_pixels=3136",
+    "vlm.lora_r=4",
+    "vlm.lora_alpha=8",
+    "epochs=1",
+    "batch_size=4",
+    "lr=0.001",
+    "warmup_epochs=0",
+]
 
 _CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
