@@ -134,3 +134,28 @@ def test_options_the_vlm_family_does_not_use_are_errors(tiny_qwen, vlm_root):
 
     with pytest.raises(KitError, match="ema_decay, mixup"):
         train_run(tiny_config(tiny_qwen, "name=head_ema", "ema_decay=0.99", "mixup=0.2"), vlm_root)
+
+
+@pytest.mark.parametrize("model", ["qwen", "llava"])
+def test_split_forward_matches_the_plain_transformers_forward(model, tiny_qwen, tiny_llava, vlm_root):
+    """Cached image features + kit's prompt ids give the hidden states of processor(...) -> model(...):
+    a plain transformers forward (e.g. in a bundle's infer.py) reproduces kit's predictions."""
+    from kit.images import load_image
+    from kit.vlm.inputs import Prompter, pad_right
+    from kit.vlm.model import load_vlm
+
+    cfg = tiny_config(tiny_qwen if model == "qwen" else tiny_llava)
+    prompter = Prompter.load(cfg)
+    vl = load_vlm(cfg, CPU, lm_head=False, trainable=False)
+    vl.train(False)
+    paths = load_folds(vlm_root).train["path"].tolist()[:2]
+    images = [load_image(p) for p in paths]
+    text = prompter.chat_text(cfg.vlm.prompt)
+    plain = prompter.processor(text=[text] * 2, images=[prompter.prepare(im) for im in images], return_tensors="pt")
+    _, encoded = next(encoded_batches(vl, prompter, paths, np.arange(2), 2, 0))
+    ids, mask = pad_right([prompter.prompt_ids(cfg.vlm.prompt, im.features.shape[0]) for im in encoded], 0)
+    assert torch.equal(ids, plain["input_ids"])
+    with torch.no_grad():
+        expected = vl.core(**plain).last_hidden_state
+        got = vl.hidden(ids, mask, encoded)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
