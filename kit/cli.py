@@ -166,11 +166,33 @@ def check_submission_command(csv_file, sample) -> None:
 @click.option("--name", help="Run folder under runs/ (default: from the preset or model).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--fold", "only_folds", type=int, multiple=True, help="Train only these folds (repeatable).")
+@click.option("--head", type=click.Choice(["head", "rerank", "probe"]), help="vlm: how the VLM classifies.")
+@click.option("--base-run", help="vlm rerank: the run whose top-k classes are re-scored.")
+@click.option("--top-k", type=int, help="vlm rerank: candidates per image.")
+@click.option("--lora-r", type=int, help="vlm: LoRA rank.")
+@click.option("--4bit", "four_bit", is_flag=True, default=None, help="vlm: 4-bit nf4 QLoRA (bitsandbytes).")
 @click.option(
     "--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Any config key, e.g. --set ema_decay=0.999."
 )
 @ROOT
-def train(preset_or_config, model, img_size, epochs, batch_size, lr, name, device, only_folds, overrides, root) -> None:
+def train(
+    preset_or_config,
+    model,
+    img_size,
+    epochs,
+    batch_size,
+    lr,
+    name,
+    device,
+    only_folds,
+    head,
+    base_run,
+    top_k,
+    lora_r,
+    four_bit,
+    overrides,
+    root,
+) -> None:
     """Train a model on every fold (resumable).
 
     PRESET_OR_CONFIG is a shipped preset (see `kit presets`) or a YAML file; quick flags and --set
@@ -179,7 +201,19 @@ def train(preset_or_config, model, img_size, epochs, batch_size, lr, name, devic
     from kit.config import load_config
     from kit.train.driver import train_run
 
-    quick = {"img_size": img_size, "epochs": epochs, "batch_size": batch_size, "lr": lr, "name": name, "device": device}
+    quick = {
+        "img_size": img_size,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "name": name,
+        "device": device,
+        "vlm.head": head,
+        "vlm.base_run": base_run,
+        "vlm.top_k": top_k,
+        "vlm.lora_r": lora_r,
+        "vlm.load_in_4bit": four_bit,
+    }
     if model:
         family, _, target = model.partition(":") if model.startswith(("vlm:", "probe:")) else ("timm", "", model)
         quick.update(family=family, model=target)
