@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
 
 ROOT = click.option(
@@ -283,6 +284,9 @@ def bench(preset_or_config, model, img_size, batch_size, steps, compiled, images
         f"{rows[1]['images_per_s']} img/s)"
     )
 
+
+# Stages that live in their own packages bring their own command; only click loads at start-up.
+main.add_command(ensemble_command)
 
 if __name__ == "__main__":
     main()
