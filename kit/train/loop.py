@@ -1,4 +1,5 @@
-"""The timm training loop for one fold, and prediction with test-time augmentation.
+"""The timm training loop for one fold. Prediction with test-time augmentation (`predict_logp`) and
+`Normalizer` live in kit.infer.timm_predict, shared with the offline bundle, and are re-exported here.
 
 fit = FoldTrainer(cfg, model, data_cfg, device)
 fit.run(train_loader_fn, valid_loader, fold_dir)      # resumes from fold_dir/checkpoint.safetensors
@@ -22,6 +23,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from kit.config import TrainConfig
+from kit.infer.timm_predict import Normalizer
+from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
 from kit.train.checkpoint import load_training_state, save_training_state, save_weights
@@ -29,20 +32,6 @@ from kit.train.runtime import autocast
 
 CHECKPOINT = "checkpoint.safetensors"
 WEIGHTS = "model.safetensors"
-
-
-class Normalizer(torch.nn.Module):
-    """uint8 NCHW batches from the loader -> normalised float on the device (channels_last on CUDA)."""
-
-    def __init__(self, mean: list[float], std: list[float], channels_last: bool):
-        super().__init__()
-        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
-        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, 3, 1, 1) * 255))
-        self.channels_last = channels_last
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        x = (images.float() - self.mean) * self.inv_std
-        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
 class EMA:
@@ -231,32 +220,6 @@ class FoldTrainer:
         """Early stopping: `patience` epochs without a better validation loss (also after a resume)."""
         patience = self.cfg.patience
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
-
-
-@torch.no_grad()
-def predict_logp(
-    model: torch.nn.Module,
-    loader,
-    device: torch.device,
-    normalize: Normalizer,
-    tta: list[str],
-    precision: str,
-    desc: str = "predicting",
-) -> np.ndarray:
-    """Log-probabilities [N, C], test-time augmentations averaged in probability space."""
-    model.eval()
-    flips = {"none": None, "hflip": [3], "vflip": [2]}
-    out = []
-    for images, _ in tqdm(loader, desc=desc, unit="batch", leave=False):
-        x = normalize(images.to(device, non_blocking=True))
-        probs = 0
-        for name in tta:
-            view = x if flips[name] is None else torch.flip(x, flips[name])
-            with autocast(device, precision):
-                logits = model(view)
-            probs = probs + torch.softmax(logits.float(), dim=-1)
-        out.append((probs / len(tta)).clamp_min(1e-15).log().cpu())
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 def evaluate(logp: np.ndarray, labels: np.ndarray) -> dict:

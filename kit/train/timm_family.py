@@ -6,14 +6,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from kit.config import TrainConfig
+from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
+from kit.infer.timm_predict import TimmFold, timm_spec
 from kit.train.augment import eval_pipeline, train_pipeline
-from kit.train.checkpoint import load_weights
 from kit.train.dataset import ImageDataset, image_cache, make_loader
-from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, Normalizer, evaluate, predict_logp
+from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, evaluate, predict_logp
 from kit.train.runtime import default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
 from kit.train.timm_model import build_model, data_config
 
@@ -104,17 +103,17 @@ def _predict_batch(cfg: TrainConfig) -> int:
 
 
 def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[[list[str]], np.ndarray]:
-    """The fold's best weights with the run's TTA, as a function of image paths."""
+    """The fold's best weights with the run's TTA, as a function of image paths.
+
+    The model, preprocessing and TTA are kit.infer's, which the offline bundle embeds: a bundle
+    predicts what this predicts. Images of the folds' tables come from the decoded-image cache.
+    """
     device = resolve_device(cfg.device)
-    model = build_model(cfg, cfg.num_classes, pretrained=False)
-    model.load_state_dict(load_weights(Path(run_dir) / f"fold{fold}" / WEIGHTS))
-    channels_last = cfg.channels_last and device.type == "cuda"
-    model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
-    normalize = Normalizer(cfg.mean, cfg.std, channels_last).to(device)
+    model = TimmFold(timm_spec(to_dict(cfg)), Path(run_dir) / f"fold{fold}" / WEIGHTS, device)
 
     def predict(paths: list[str]) -> np.ndarray:
-        dataset = ImageDataset(paths, None, eval_pipeline(cfg.img_size), *_cache_for(cfg, paths, root))
-        loader = make_loader(dataset, _predict_batch(cfg), False, default_workers(cfg.workers), device)
-        return predict_logp(model, loader, device, normalize, cfg.tta, cfg.precision, f"fold {fold} predicting")
+        cache, rows = _cache_for(cfg, paths, root)
+        workers = default_workers(cfg.workers)
+        return model(paths, workers, cache=cache, cache_rows=rows, desc=f"fold {fold} predicting")
 
     return predict

@@ -1,0 +1,97 @@
+"""A whole run or ensemble predicted from image files, as `kit submit` would submit it.
+
+A bundle's recipe is a tree: a run node holds its family's prediction spec and one weights entry per
+fold; an ensemble node holds its recipe.json, its params file and its members (runs or ensembles).
+Each fold model predicts every image (TTA averaged in probability space), the folds are averaged in
+probability space (kit.preds.mean_in_prob_space, as kit.train.driver.assemble does), and an ensemble
+applies its recipe to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz):
+
+    ctx = Context(weights=Path("weights"), device=torch.device("cpu"), workers=4)
+    logp = predict_tree(bundle["root"], paths, ctx)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.errors import KitError
+from kit.preds import mean_in_prob_space
+
+
+@dataclass
+class Context:
+    weights: Path  # the bundle's weights/ folder: every file path in the tree is relative to it
+    device: torch.device
+    workers: int = 0
+    batch_size: int | None = None  # None: each member's own prediction batch
+    base_models: dict[str, str] = field(default_factory=dict)  # VLM member name (or "*") -> base model folder
+    done: dict[str, np.ndarray] = field(default_factory=dict)  # node key -> logp: a shared member runs once
+    passes: int = 0  # fold-model passes over the images so far (progress labels)
+    total_passes: int = 0
+
+
+def count_passes(node: dict, seen: set[str] | None = None) -> int:
+    """Fold-model passes over the images the tree needs (a shared member counted once)."""
+    seen = set() if seen is None else seen
+    if node["key"] in seen:
+        return 0
+    seen.add(node["key"])
+    if node["kind"] == "ensemble":
+        return sum(count_passes(m, seen) for m in node["members"])
+    return len(node["folds"])
+
+
+def predict_tree(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
+    """Log-probabilities [N, C] float32 of a run or ensemble node."""
+    if node["key"] not in ctx.done:
+        if not ctx.total_passes:
+            ctx.total_passes = count_passes(node)
+        if node["kind"] == "ensemble":
+            ctx.done[node["key"]] = _ensemble(node, paths, ctx)
+        else:
+            ctx.done[node["key"]] = mean_in_prob_space(np.stack(list(_folds(node, paths, ctx))))
+    return ctx.done[node["key"]]
+
+
+def _label(node: dict, fold: int, ctx: Context) -> str:
+    ctx.passes += 1
+    return f"[{ctx.passes}/{ctx.total_passes}] {node['name']} fold {fold}"
+
+
+def _folds(node: dict, paths: list[str], ctx: Context):
+    """Each fold's log-probabilities in turn; one fold model in memory at a time."""
+    family = node["spec"]["family"]
+    if family == "timm":
+        from kit.infer.timm_predict import TimmFold
+
+        for fold in node["folds"]:
+            model = TimmFold(node["spec"], ctx.weights / fold["files"]["model"], ctx.device)
+            yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
+            del model
+    elif family == "vlm":
+        from kit.infer.vlm_predict import VlmFold, base_model_for
+
+        base = base_model_for(node, ctx.base_models)
+        for fold in node["folds"]:
+            files = {role: ctx.weights / rel for role, rel in fold["files"].items()}
+            model = VlmFold(node["spec"], base, files, ctx.device)
+            yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
+            del model
+    else:
+        raise KitError(f"{node['name']}: family {family!r} cannot be predicted by this bundle")
+
+
+def _ensemble(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
+    from kit.ensemble.apply import apply_recipe
+
+    members = [predict_tree(member, paths, ctx) for member in node["members"]]
+    params = None
+    if node.get("params"):
+        from safetensors.numpy import load_file
+
+        params = load_file(str(ctx.weights / node["params"]))
+    return apply_recipe(node["recipe"], members, params)

@@ -1,0 +1,141 @@
+"""Predict with one timm fold model: rebuilt from the run's config and its safetensors weights, fed
+kit's Pillow preprocessing, flip TTA averaged in probability space.
+
+kit's own predictor (kit.train.timm_family.load_predictor) is this class, and the offline bundle
+embeds this file, so both compute the same numbers:
+
+    spec = timm_spec(read_json(run_dir / "config.json"))
+    fold = TimmFold(spec, run_dir / "fold0" / "model.safetensors", torch.device("cpu"))
+    logp = fold(paths, workers=4)   # [N, C] float32 log-probabilities
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.errors import KitError
+from kit.infer.images import ImageFiles, image_batches
+from kit.infer.progress import progress
+from kit.train.runtime import autocast
+
+FLIPS = {"none": None, "hflip": [3], "vflip": [2]}
+
+
+def timm_spec(config: dict) -> dict:
+    """What prediction needs from a run's resolved config (config.json or `to_dict(cfg)`)."""
+    return {
+        "family": "timm",
+        "model": config["model"],
+        "num_classes": int(config["num_classes"]),
+        "drop_rate": float(config.get("drop_rate", 0.0)),
+        "drop_path_rate": float(config.get("drop_path_rate", 0.0)),
+        "img_size": int(config["img_size"]),
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "tta": list(config["tta"]),
+        "precision": config.get("precision", "auto"),
+        "channels_last": bool(config.get("channels_last", True)),
+        "batch_size": int(config.get("predict_batch_size") or 2 * config["batch_size"]),
+    }
+
+
+class Normalizer(torch.nn.Module):
+    """uint8 NCHW batches from the loader -> normalised float on the device (channels_last on CUDA)."""
+
+    def __init__(self, mean: list[float], std: list[float], channels_last: bool):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1) * 255)
+        self.register_buffer("inv_std", 1 / (torch.tensor(std).view(1, 3, 1, 1) * 255))
+        self.channels_last = channels_last
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = (images.float() - self.mean) * self.inv_std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def _raise_bad_image(extra) -> None:
+    """Loaders of ImageFiles yield each image's error ("" when fine) where training loaders yield labels."""
+    if isinstance(extra, list | tuple):
+        bad = [e for e in extra if e]
+        if bad:
+            raise KitError(f"{bad[0]}" + (f" ({len(bad)} unusable images in this batch)" if len(bad) > 1 else ""))
+
+
+@torch.no_grad()
+def predict_logp(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    normalize: Normalizer,
+    tta: list[str],
+    precision: str,
+    desc: str = "predicting",
+) -> np.ndarray:
+    """Log-probabilities [N, C], test-time augmentations averaged in probability space."""
+    model.eval()
+    out = []
+    for images, extra in progress(loader, desc):
+        _raise_bad_image(extra)
+        x = normalize(images.to(device, non_blocking=True))
+        probs = 0
+        for name in tta:
+            view = x if FLIPS[name] is None else torch.flip(x, FLIPS[name])
+            with autocast(device, precision):
+                logits = model(view)
+            probs = probs + torch.softmax(logits.float(), dim=-1)
+        out.append((probs / len(tta)).clamp_min(1e-15).log().cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+def build_timm_model(spec: dict) -> torch.nn.Module:
+    """The architecture with a `num_classes` head and no pretrained download (fold weights follow)."""
+    import timm
+
+    try:
+        return timm.create_model(
+            spec["model"],
+            pretrained=False,
+            num_classes=spec["num_classes"],
+            drop_rate=spec["drop_rate"],
+            drop_path_rate=spec["drop_path_rate"],
+        )
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            version = timm.__version__
+            raise KitError(f"model {spec['model']!r}: not a timm model (timm {version} here)") from None
+        raise
+
+
+def load_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=device)
+
+
+class TimmFold:
+    """One fold's model on `device`, callable on image paths -> log-probabilities [N, C] float32."""
+
+    def __init__(self, spec: dict, weights: Path, device: torch.device):
+        self.spec, self.device = spec, device
+        model = build_timm_model(spec)
+        model.load_state_dict(load_safetensors(Path(weights)))
+        channels_last = spec["channels_last"] and device.type == "cuda"
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
+
+    def __call__(
+        self,
+        paths: list[str],
+        workers: int = 0,
+        batch_size: int | None = None,
+        cache: np.ndarray | None = None,
+        cache_rows: np.ndarray | None = None,
+        desc: str = "predicting",
+    ) -> np.ndarray:
+        dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
+        loader = image_batches(dataset, batch_size or self.spec["batch_size"], workers, self.device)
+        spec = self.spec
+        return predict_logp(self.model, loader, self.device, self.normalize, spec["tta"], spec["precision"], desc)

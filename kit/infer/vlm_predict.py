@@ -1,0 +1,82 @@
+"""Predict with one VLM head-mode fold: the base model (a local folder given at run time), the fold's
+LoRA adapter and its linear head, one forward per image.
+
+The model and inputs are kit.vlm's own modules (model, inputs, features), embedded as they are;
+`logits` and `predict_logp` below are kit.vlm.head's `logits` and `predict_batches` (kit.vlm.head
+imports the training loop, so the bundle cannot embed it). transformers and peft load on first use.
+
+    fold = VlmFold(spec, "models/qwen2.5-vl-3b", {"adapter_model": ..., "adapter_config": ..., "head": ...}, device)
+    logp = fold(paths, workers=4)   # [N, C] float32
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from kit.errors import KitError
+from kit.infer.progress import progress
+from kit.infer.timm_predict import load_safetensors
+from kit.train.runtime import autocast
+
+
+def base_model_for(node: dict, base_models: dict[str, str]) -> str:
+    """The base model folder of a VLM member: --base-model MEMBER=DIR, else --base-model DIR."""
+    folder = base_models.get(node["name"]) or base_models.get("*")
+    trained_on = node["spec"]["base_name"]
+    if not folder:
+        raise KitError(f"{node['name']}: a VLM member needs its base model: --base-model DIR (trained on {trained_on})")
+    if not Path(folder).is_dir():
+        raise KitError(f"--base-model {folder}: no such folder (the base model {trained_on} as a local folder)")
+    return folder
+
+
+def logits(cfg, prompter, vl, head, images) -> torch.Tensor:
+    ids = [prompter.prompt_ids(cfg.vlm.prompt, im.features.shape[0]) for im in images]
+    from kit.vlm.inputs import pad_right
+
+    ids, mask = pad_right(ids, prompter.tokenizer.pad_token_id or 0)
+    hidden = vl.hidden(ids, mask, images)
+    return head(hidden, mask, ids == vl.image_token_id).float()
+
+
+@torch.no_grad()
+def predict_logp(cfg, prompter, vl, head, batches, device: torch.device, total: int, desc: str) -> np.ndarray:
+    vl.train(False)
+    head.eval()
+    out = []
+    for _, images in progress(batches, desc, total=total):
+        with autocast(device, cfg.precision):
+            out.append(F.log_softmax(logits(cfg, prompter, vl, head, images), dim=-1).cpu())
+    return torch.cat(out).numpy().astype(np.float32)
+
+
+class VlmFold:
+    """One fold's adapter and head on the base model, callable on image paths -> logp [N, C] float32."""
+
+    def __init__(self, spec: dict, base: str, files: dict[str, Path], device: torch.device):
+        from kit.config import from_dict
+        from kit.vlm.inputs import Prompter
+        from kit.vlm.model import ClassifierHead, load_vlm
+
+        self.spec, self.device = spec, device
+        self.cfg = from_dict({**spec["config"], "model": str(base)})
+        adapter_dir = Path(files["adapter_model"]).parent  # adapter_config.json lies beside it
+        self.prompter = Prompter.load(self.cfg)
+        self.vl = load_vlm(self.cfg, device, lm_head=False, adapter_dir=adapter_dir, trainable=False)
+        head = ClassifierHead(self.vl.hidden_size, self.cfg.num_classes, self.cfg.vlm.pooling)
+        head.load_state_dict(load_safetensors(Path(files["head"])))
+        self.head = head.to(device)
+
+    def __call__(
+        self, paths: list[str], workers: int = 0, batch_size: int | None = None, desc: str = "predicting"
+    ) -> np.ndarray:
+        from kit.vlm.features import encoded_batches
+
+        size = batch_size or self.spec["batch_size"]
+        batches = encoded_batches(self.vl, self.prompter, list(paths), np.arange(len(paths)), size, workers)
+        total = -(-len(paths) // size)
+        return predict_logp(self.cfg, self.prompter, self.vl, self.head, batches, self.device, total, desc)

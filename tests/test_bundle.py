@@ -1,0 +1,374 @@
+"""`kit bundle` and the offline infer.py: the bundle folder contract, parity with `kit submit` in a
+subprocess that cannot import kit, the weights check, image matching, the Dacon and Kaggle layouts.
+
+One 2-fold `tiny` run (1 epoch) on a competition with a BOM in its sample submission and two classes
+declared identical is shared by the tests; infer.py always runs from another working directory with
+a meta-path finder that refuses any `kit` import.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import gzip
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import CLASSES, make_competition
+
+from kit.bundle import estimate
+from kit.bundle.command import bundle as bundle_command
+from kit.bundle.embed import EXTRA, UNREACHED, check_closure, embedded_sources, modules
+from kit.cli import KitGroup
+from kit.config import load_config
+from kit.errors import KitError
+from kit.folds import make_folds
+from kit.infer import cli as infer_cli
+from kit.infer.submission import format_csv as bundle_format_csv
+from kit.infer.submission import spread_groups as bundle_spread_groups
+from kit.infer.testset import match_images
+from kit.io import read_json, sha256_file
+from kit.submit import format_csv, spread_groups, write_submission
+from kit.train.driver import train_run
+
+K = 2
+TINY = ["workers=0", "epochs=1", "deterministic=true"]
+NO_KIT = '''
+import runpy
+import sys
+
+
+class RefuseKit:
+    """A bundle must run where kit is not installed: any import of it fails loudly."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "kit" or name.startswith("kit."):
+            raise ImportError(f"the bundle imported {name}")
+        return None
+
+
+sys.meta_path.insert(0, RefuseKit())
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+'''
+
+
+# --- shared project ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """folds/ of a BOM sample submission with 'dog' and 'bird.v2' declared identical, and one tiny run."""
+    base = tmp_path_factory.mktemp("bundle")
+    data = make_competition(base / "data", size=48)
+    sample = data / "sample_submission.csv"
+    sample.write_bytes(b"\xef\xbb\xbf" + sample.read_bytes())
+    merge = base / "same.json"
+    merge.write_text(json.dumps([[CLASSES[1], CLASSES[2]]]), encoding="utf-8")
+    root = base / "root"
+    make_folds(data, root=root, k=K, merge_classes=merge, workers=1)
+    assert train_run(load_config("tiny", overrides=TINY), root).complete
+    return root
+
+
+def data_dir(root: Path) -> Path:
+    return Path(read_json(root / "folds" / "classes.json")["data_dir"])
+
+
+def invoke_bundle(*args) -> object:
+    group = KitGroup()
+    group.add_command(bundle_command)
+    return CliRunner().invoke(group, ["bundle", *[str(a) for a in args]])
+
+
+@dataclass
+class Built:
+    path: Path
+    output: str  # what `kit bundle` printed
+
+
+@pytest.fixture(scope="module", autouse=True)
+def quick_estimate():
+    """The run-time estimate times each member for a moment only: the tests check its form, not its figure."""
+    before, estimate.BUDGET_S = estimate.BUDGET_S, 0.05
+    yield
+    estimate.BUDGET_S = before
+
+
+@pytest.fixture(scope="module")
+def built(project) -> Built:
+    result = invoke_bundle("tiny", "--root", project, "--format", "dacon")
+    assert result.exit_code == 0, result.output
+    return Built(project / "submissions" / "tiny.bundle", result.output)
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(built) -> Path:
+    return built.path
+
+
+def run_script(script: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
+    """python script ARGS from `cwd`, with kit unimportable."""
+    cwd.mkdir(parents=True, exist_ok=True)
+    guard = cwd / "no_kit.py"
+    guard.write_text(NO_KIT, encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    command = [sys.executable, str(guard), str(script), *[str(a) for a in args]]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def read_csv(path: Path) -> tuple[list[str], list[str], np.ndarray]:
+    rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    return rows[0], [r[0] for r in rows[1:]], np.array([r[1:] for r in rows[1:]], dtype=np.float64)
+
+
+def assert_same_submission(got: Path, expected: Path) -> None:
+    assert got.read_bytes()[:3] == expected.read_bytes()[:3]  # the BOM, or not, as the sample has it
+    header, ids, values = read_csv(got)
+    header_e, ids_e, values_e = read_csv(expected)
+    assert header == header_e and ids == ids_e
+    np.testing.assert_allclose(values, values_e, atol=1e-6, rtol=0)
+
+
+def error_line(result: subprocess.CompletedProcess, alone: bool = True) -> str:
+    """The one `error:` line; `alone`: nothing else on stderr (no progress bar started yet)."""
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and (not alone or len(lines) == 1), result.stderr
+    return errors[0]
+
+
+# --- the folder contract -------------------------------------------------------------------------------
+
+
+def test_bundle_writes_infer_py_weights_manifest_and_readme(tiny_bundle, project):
+    files = {p.relative_to(tiny_bundle).as_posix() for p in tiny_bundle.rglob("*") if p.is_file()}
+    weights = {f"weights/runs/tiny/fold{k}/model.safetensors" for k in range(K)}
+    assert files == {"infer.py", "README.txt", "manifest.json", "submit.zip", *weights}
+    manifest = read_json(tiny_bundle / "manifest.json")
+    assert set(manifest["files"]) == {"infer.py", "README.txt", *weights}
+    for rel, entry in manifest["files"].items():
+        assert entry == {"sha256": sha256_file(tiny_bundle / rel), "size": (tiny_bundle / rel).stat().st_size}
+    for k in range(K):  # copies, not links: editing the bundle never touches runs/
+        source = project / "runs" / "tiny" / f"fold{k}" / "model.safetensors"
+        assert sha256_file(source) == manifest["files"][f"weights/runs/tiny/fold{k}/model.safetensors"]["sha256"]
+        assert not (tiny_bundle / f"weights/runs/tiny/fold{k}/model.safetensors").samefile(source)
+    readme = (tiny_bundle / "README.txt").read_text(encoding="utf-8")
+    assert "python infer.py --images TEST_DIR --out submission.csv" in readme
+    assert "images/s x 6 images x 2 TTA x 2 folds" in readme  # the measured estimate, spelled out
+
+
+def test_cli_closing_line_names_the_folder_files_and_size(built):
+    line = built.output.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {built.path}: 6 files, ")
+    assert "MiB (1 member runs, submit.zip); about " in line and " s on cpu for 6 test images" in line
+
+
+def test_unknown_name_is_one_line_and_exit_2(project):
+    result = invoke_bundle("nope", "--root", project)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error: nope: no run or ensemble of that name")
+
+
+def test_infer_py_embeds_no_kit_import_and_only_light_modules(tiny_bundle):
+    text = (tiny_bundle / "infer.py").read_text(encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(text.split("\n\ndef unpack", 1)[0], "infer.py", "exec"), namespace)  # the data, not main()
+    package = namespace["PACKAGE"]
+    assert package.startswith("_kit_bundle_")
+    sources = {rel: gzip.decompress(base64.b64decode(blob)).decode() for rel, blob in namespace["SOURCES"].items()}
+    assert {"infer/cli.py", "infer/timm_predict.py", "preprocess.py", "images.py"} <= set(sources)
+    assert "ensemble/apply.py" not in sources  # a single run needs no ensemble code
+    for rel, source in sources.items():
+        for line in source.splitlines():
+            assert not line.lstrip().startswith(("from kit.", "import kit")), (rel, line)
+    assert namespace["BUNDLE"]["root"]["spec"]["tta"] == ["none", "hflip"]
+    assert namespace["BUNDLE"]["merge_groups"] == [[1, 2]] and namespace["BUNDLE"]["bom"] is True
+
+
+def test_every_bundle_flavour_passes_the_import_closure_check():
+    for needs in ({"ensemble"}, {"vlm"}, {"ensemble", "vlm"}, set()):
+        check_closure(modules(needs))
+        embedded_sources(needs, "_kit_bundle_test")
+    assert {("preds.py", "kit.folds")} == UNREACHED  # a new lazy kit import in an embedded file needs a look
+    assert set(EXTRA) == {"ensemble", "vlm"}
+
+
+def test_closure_check_refuses_a_heavy_top_level_import(tmp_path):
+    fake = tmp_path / "kit"
+    shutil.copytree(Path(__import__("kit").__file__).parent, fake, ignore=shutil.ignore_patterns("__pycache__"))
+    (fake / "infer" / "progress.py").write_text("import pandas\n", encoding="utf-8")
+    with pytest.raises(KitError, match=r"kit/infer/progress.py: imports pandas at its top level"):
+        check_closure(modules(set()), fake)
+    (fake / "infer" / "progress.py").write_text("from kit.folds import load_folds\n", encoding="utf-8")
+    with pytest.raises(KitError, match=r"imports kit\.folds, which the bundle does not embed"):
+        check_closure(modules(set()), fake)
+
+
+def test_submission_helpers_are_kit_submits(tmp_path):
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet(np.ones(5), size=7)
+    groups = [[0, 3], [1, 2, 4]]
+    np.testing.assert_array_equal(bundle_spread_groups(probs, groups), spread_groups(probs, groups))
+    ids = [f"id_{i}" for i in range(7)]
+    for bom in (False, True):
+        header = ["ID", "a", "b,c", 'd"e', "고양이"]
+        assert bundle_format_csv(header, ids, probs, bom) == format_csv(header, ids, probs, bom)
+
+
+# --- parity with kit submit ----------------------------------------------------------------------------
+
+
+def test_bundle_csv_equals_kit_submit_for_a_timm_run(tiny_bundle, project, tmp_path):
+    expected = write_submission(project, "tiny").path
+    out = tmp_path / "out" / "bundle.csv"
+    result = run_script(
+        tiny_bundle / "infer.py", "--images", data_dir(project) / "test", "--out", out, cwd=tmp_path / "elsewhere"
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(f"wrote {out}: 6 rows x 3 classes from tiny")
+    assert_same_submission(out, expected)
+    assert not list(out.parent.glob(".*tmp"))  # written atomically: no temporary file left
+
+
+def test_dacon_submit_zip_runs_as_the_server_would(tiny_bundle, project, tmp_path):
+    with zipfile.ZipFile(tiny_bundle / "submit.zip") as zf:
+        names = set(zf.namelist())
+        assert names == {
+            "script.py",
+            "requirements.txt",
+            *(f"model/runs/tiny/fold{k}/model.safetensors" for k in range(K)),
+        }
+        zf.extractall(tmp_path / "server")
+    requirements = (tmp_path / "server" / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in requirements] == [
+        "torch",
+        "torchvision",
+        "timm",
+        "numpy",
+        "pillow",
+        "safetensors",
+    ]
+    shutil.copytree(data_dir(project) / "test", tmp_path / "server" / "data" / "test")
+    result = run_script(tmp_path / "server" / "script.py", cwd=tmp_path / "server")
+    assert result.returncode == 0, result.stderr
+    assert_same_submission(tmp_path / "server" / "output" / "submission.csv", write_submission(project, "tiny").path)
+
+
+def test_kaggle_dataset_folder(project, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("submissions", ".cache"))
+    result = invoke_bundle("tiny", "--root", root, "--format", "kaggle")
+    assert result.exit_code == 0, result.output
+    folder = root / "submissions" / "tiny.bundle" / "kaggle"
+    meta = read_json(folder / "dataset-metadata.json")
+    assert meta["id"].endswith("/kit-bundle-tiny") and meta["licenses"] == [{"name": "CC0-1.0"}]
+    manifest = read_json(folder / "manifest.json")
+    for rel, entry in manifest["files"].items():
+        assert sha256_file(folder / rel) == entry["sha256"]
+    assert (folder / "infer.py").read_bytes() == (root / "submissions" / "tiny.bundle" / "infer.py").read_bytes()
+
+
+# --- the weights check ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("damage", ["altered", "missing"])
+def test_a_damaged_weight_file_is_one_line_and_exit_2(damage, tiny_bundle, project, tmp_path):
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, copy)
+    target = copy / "weights" / "runs" / "tiny" / "fold1" / "model.safetensors"
+    if damage == "altered":
+        data = bytearray(target.read_bytes())
+        data[-5] ^= 0xFF  # same size, one tensor byte flipped
+        target.write_bytes(bytes(data))
+    else:
+        target.unlink()
+    out = tmp_path / "out.csv"
+    result = run_script(copy / "infer.py", "--images", data_dir(project) / "test", "--out", out, cwd=tmp_path / "cwd")
+    assert result.returncode == 2
+    line = error_line(result)
+    assert line.startswith(f"error: {target}: ")
+    assert ("sha256 differs from the manifest" if damage == "altered" else "missing") in line
+    assert not out.exists()
+
+
+def test_weights_elsewhere_and_verify(tiny_bundle, tmp_path):
+    moved = tmp_path / "weights"
+    shutil.copytree(tiny_bundle / "weights", moved)
+    result = run_script(tiny_bundle / "infer.py", "--verify", "--weights", moved, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"ok {moved}: {K} files match the manifest"
+
+
+def bundle_data(infer_py: Path) -> dict:
+    """infer.py's BUNDLE with its test table, as its main() hands them to the command line."""
+    text = infer_py.read_text(encoding="utf-8")
+    namespace: dict = {}
+    exec(compile(text.split("\n\ndef unpack", 1)[0], str(infer_py), "exec"), namespace)
+    test = json.loads(gzip.decompress(base64.b64decode(namespace["TEST_TABLE"])))
+    return {**namespace["BUNDLE"], "test": test}
+
+
+def test_a_corrupt_image_is_named_in_one_line(tiny_bundle, project, tmp_path, capsys):
+    # in this process (kit's own copy of the modules infer.py embeds), decoding in 2 worker processes
+    images = tmp_path / "test"
+    shutil.copytree(data_dir(project) / "test", images)
+    (images / "TEST_00003.png").write_bytes(b"not a png")
+    argv = ["--images", str(images), "--out", str(tmp_path / "o.csv"), "--workers", "2"]
+    assert infer_cli.main(argv, bundle_data(tiny_bundle / "infer.py"), tiny_bundle) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    bad = images / "TEST_00003.png"
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {bad}: cannot decode (cannot identify image file {str(bad)!r})"]
+    assert not (tmp_path / "o.csv").exists()
+
+
+# --- which image is which test id ----------------------------------------------------------------------
+
+
+def images_in(folder: Path, names: list[str]) -> Path:
+    from PIL import Image
+
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / name)
+    return folder
+
+
+def test_stored_ids_keep_the_sample_order_and_extra_images_follow(tmp_path):
+    folder = images_in(tmp_path, ["b.png", "a.jpg", "sub/c.png", "zz.png"])
+    rows = match_images(folder, ["c", "a", "b"], ["sub/c.png", "a.jpg", "b.png"])
+    assert rows.ids == ["c", "a", "b", "zz"] and rows.stored == 3
+    assert [Path(p).name for p in rows.paths] == ["c.png", "a.jpg", "b.png", "zz.png"]
+    assert "1 images" in rows.note and "zz.png" in rows.note
+
+
+def test_ids_match_by_file_name_or_stem_when_paths_differ(tmp_path):
+    folder = images_in(tmp_path, ["x/TEST_1.jpg", "x/TEST_2.jpg"])
+    rows = match_images(folder, ["TEST_2", "TEST_1"], ["test/TEST_2.jpg", "elsewhere/TEST_1.jpg"])
+    assert rows.ids == ["TEST_2", "TEST_1"] and not rows.note
+
+
+def test_another_test_set_is_predicted_with_ids_from_file_names(tmp_path):
+    folder = images_in(tmp_path, ["new/1.png", "0.png"])
+    rows = match_images(folder, ["TEST_0"], ["TEST_0.png"])
+    assert rows.ids == ["0", "new/1"] and rows.stored == 0 and "none of the 1 stored test ids" in rows.note
+
+
+def test_a_partial_test_folder_is_refused(tmp_path):
+    folder = images_in(tmp_path, ["a.png"])
+    with pytest.raises(KitError, match=r"no image for test id 'b' \(1 of the 2 stored test ids missing\)"):
+        match_images(folder, ["a", "b"], ["a.png", "b.png"])
+    with pytest.raises(KitError, match="no such image folder"):
+        match_images(tmp_path / "nope", ["a"], ["a.png"])
