@@ -122,6 +122,7 @@ def run_script(script: Path, *args, cwd: Path) -> subprocess.CompletedProcess:
     guard = cwd / "no_kit.py"
     guard.write_text(NO_KIT, encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["OMP_NUM_THREADS"] = "1"  # a busy 2-core machine: threads would spin against each other
     command = [sys.executable, str(guard), str(script), *[str(a) for a in args]]
     return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -277,6 +278,49 @@ def test_kaggle_dataset_folder(project, tmp_path):
     for rel, entry in manifest["files"].items():
         assert sha256_file(folder / rel) == entry["sha256"]
     assert (folder / "infer.py").read_bytes() == (root / "submissions" / "tiny.bundle" / "infer.py").read_bytes()
+
+
+# --- ensembles -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ensembles(project) -> Path:
+    """A second run, `blend` (weights of the two runs), `gated` (a fusion model with a params file) and
+    `outer` (weights of `gated` and `tiny`: nested, with `tiny` reached twice)."""
+    from kit.ensemble import fit_ensemble
+
+    assert train_run(load_config("tiny", overrides=[*TINY, "name=tiny_b", "seed=1", "tta=[none]"]), project).complete
+    fit_ensemble(project, ["tiny", "tiny_b"], name="blend", method="weights", trials=0)
+    fit_ensemble(project, ["tiny", "tiny_b"], name="gated", method="gated", trials=0)
+    fit_ensemble(project, ["gated", "tiny"], name="outer", method="weights", trials=0)
+    return project
+
+
+def test_bundle_csv_equals_kit_submit_for_an_ensemble_of_two_runs(ensembles, tmp_path):
+    result = invoke_bundle("blend", "--root", ensembles)
+    assert result.exit_code == 0, result.output
+    folder = ensembles / "submissions" / "blend.bundle"
+    weights = {f"weights/runs/{run}/fold{k}/model.safetensors" for run in ("tiny", "tiny_b") for k in range(K)}
+    assert set(read_json(folder / "manifest.json")["files"]) == {"infer.py", "README.txt", *weights}
+    out = tmp_path / "blend.csv"
+    result = run_script(folder / "infer.py", "--images", data_dir(ensembles) / "test", "--out", out, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "(4 fold-model passes on cpu" in result.stdout
+    assert_same_submission(out, write_submission(ensembles, "blend").path)
+
+
+@pytest.mark.parametrize("name, passes", [("gated", 4), ("outer", 4)])
+def test_fusion_and_nested_ensembles_equal_kit_submit(name, passes, ensembles, tmp_path, capsys):
+    # in this process: the subprocess test above covers the embedding; these cover the recipe tree
+    result = invoke_bundle(name, "--root", ensembles)
+    assert result.exit_code == 0, result.output
+    folder = ensembles / "submissions" / f"{name}.bundle"
+    assert (folder / "weights" / "ensembles" / "gated" / "params.safetensors").is_file()
+    out = tmp_path / f"{name}.csv"
+    argv = ["--images", str(data_dir(ensembles) / "test"), "--out", str(out), "--workers", "0"]
+    assert infer_cli.main(argv, bundle_data(folder / "infer.py"), folder) == 0
+    assert f"({passes} fold-model passes" in capsys.readouterr().out  # `tiny` predicted once for `outer`
+    assert_same_submission(out, write_submission(ensembles, name).path)
 
 
 # --- the weights check ---------------------------------------------------------------------------------
