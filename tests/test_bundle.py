@@ -13,6 +13,7 @@ import csv
 import gzip
 import json
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -181,6 +182,25 @@ def test_unknown_name_is_one_line_and_exit_2(project):
     assert result.output.strip().startswith("error: nope: no run or ensemble of that name")
 
 
+def test_runs_a_bundle_cannot_predict_are_refused_by_name(project, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("submissions", ".cache", "*.bundle"))
+    shutil.copytree(root / "runs" / "tiny", root / "runs" / "probe_run")
+    config = read_json(root / "runs" / "probe_run" / "config.json")
+    (root / "runs" / "probe_run" / "config.json").write_text(json.dumps({**config, "family": "probe"}))
+    result = invoke_bundle("probe_run", "--root", root)
+    assert result.exit_code == 2
+    assert "a probe run cannot be bundled yet (timm runs and vlm head runs can)" in result.output
+    (root / "runs" / "tiny" / "fold1" / "done.json").unlink()
+    result = invoke_bundle("tiny", "--root", root)
+    assert result.exit_code == 2
+    assert (
+        result.output.strip()
+        == f"error: {root / 'runs' / 'tiny' / 'fold1'}: fold not finished; train every fold before bundling"
+    )
+    assert not (root / "submissions" / "tiny.bundle").exists()
+
+
 def test_infer_py_embeds_no_kit_import_and_only_light_modules(tiny_bundle):
     text = (tiny_bundle / "infer.py").read_text(encoding="utf-8")
     namespace: dict = {}
@@ -242,27 +262,22 @@ def test_bundle_csv_equals_kit_submit_for_a_timm_run(tiny_bundle, project, tmp_p
     assert not list(out.parent.glob(".*tmp"))  # written atomically: no temporary file left
 
 
-def test_dacon_submit_zip_runs_as_the_server_would(tiny_bundle, project, tmp_path):
+def test_dacon_submit_zip_runs_as_the_server_would(tiny_bundle, project, tmp_path, monkeypatch):
     with zipfile.ZipFile(tiny_bundle / "submit.zip") as zf:
-        names = set(zf.namelist())
-        assert names == {
-            "script.py",
-            "requirements.txt",
-            *(f"model/runs/tiny/fold{k}/model.safetensors" for k in range(K)),
-        }
+        weights = {f"model/runs/tiny/fold{k}/model.safetensors" for k in range(K)}
+        assert set(zf.namelist()) == {"script.py", "requirements.txt", *weights}
         zf.extractall(tmp_path / "server")
     requirements = (tmp_path / "server" / "requirements.txt").read_text().split()
-    assert [r.split("==")[0] for r in requirements] == [
-        "torch",
-        "torchvision",
-        "timm",
-        "numpy",
-        "pillow",
-        "safetensors",
-    ]
+    names = ["torch", "torchvision", "timm", "numpy", "pillow", "safetensors"]
+    assert [r.split("==")[0] for r in requirements] == names
     shutil.copytree(data_dir(project) / "test", tmp_path / "server" / "data" / "test")
-    result = run_script(tmp_path / "server" / "script.py", cwd=tmp_path / "server")
-    assert result.returncode == 0, result.stderr
+    # script.py as the server starts it (no arguments, from the unzipped folder), run in this process:
+    # its embedded package is imported under its private name, as in a subprocess
+    monkeypatch.chdir(tmp_path / "server")
+    monkeypatch.setattr(sys, "argv", ["script.py", "--workers", "0"])
+    with pytest.raises(SystemExit) as exit_:
+        runpy.run_path("script.py", run_name="__main__")
+    assert exit_.value.code == 0
     assert_same_submission(tmp_path / "server" / "output" / "submission.csv", write_submission(project, "tiny").path)
 
 

@@ -12,6 +12,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from kit.errors import KitError
@@ -54,6 +55,28 @@ def base_models(values: list[str]) -> dict[str, str]:
     return out
 
 
+def vlm_members(node: dict) -> list[dict]:
+    if node["kind"] == "ensemble":
+        return [m for member in node["members"] for m in vlm_members(member)]
+    return [node] if node["spec"]["family"] == "vlm" else []
+
+
+def resolve_base_models(bundle: dict, given: dict[str, str]) -> dict[str, str]:
+    """Each VLM member's base model folder (--base-model MEMBER=DIR, else --base-model DIR), checked first."""
+    out = {}
+    for node in vlm_members(bundle["root"]):
+        folder = given.get(node["name"]) or given.get("*")
+        trained_on = node["spec"]["base_name"]
+        if not folder:
+            raise KitError(
+                f"{node['name']}: a VLM member needs its base model: --base-model DIR (trained on {trained_on})"
+            )
+        if not Path(folder).is_dir():
+            raise KitError(f"--base-model {folder}: no such folder (the base model {trained_on} as a local folder)")
+        out[node["name"]] = folder
+    return out
+
+
 def run(args: argparse.Namespace, bundle: dict, here: Path) -> str:
     from kit.infer.manifest import check_files
 
@@ -65,10 +88,10 @@ def run(args: argparse.Namespace, bundle: dict, here: Path) -> str:
         raise KitError("--images DIR and --out FILE.csv are required")
     if args.batch_size is not None and args.batch_size < 1:
         raise KitError(f"--batch-size {args.batch_size}: must be 1 or more")
-    return predict_csv(args, bundle, weights)
+    return predict_csv(args, bundle, weights, resolve_base_models(bundle, base_models(args.base_model)))
 
 
-def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path) -> str:
+def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path, bases: dict[str, str]) -> str:
     from kit.infer.predict import Context, predict_tree
     from kit.infer.submission import format_csv, submission_probs
     from kit.infer.testset import match_images
@@ -80,7 +103,7 @@ def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path) -> str:
     if rows.note:
         print(f"note: {rows.note}", file=sys.stderr)
     device = resolve_device(args.device)
-    ctx = Context(weights, device, default_workers(args.workers), args.batch_size, base_models(args.base_model))
+    ctx = Context(weights, device, default_workers(args.workers), args.batch_size, bases)
     logp = predict_tree(bundle["root"], rows.paths, ctx)
     probs = submission_probs(logp, bundle["merge_groups"])
     header = [bundle["id_column"], *bundle["classes"]]
@@ -94,6 +117,8 @@ def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path) -> str:
 
 def main(argv: list[str], bundle: dict, here: Path) -> int:
     force_offline()
+    # peft reads a property transformers 5.2x deprecates while loading an adapter: noise, not news
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     args = parser(bundle).parse_args(argv)
     try:
         print(run(args, bundle, Path(here)))

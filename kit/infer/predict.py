@@ -28,7 +28,7 @@ class Context:
     device: torch.device
     workers: int = 0
     batch_size: int | None = None  # None: each member's own prediction batch
-    base_models: dict[str, str] = field(default_factory=dict)  # VLM member name (or "*") -> base model folder
+    base_models: dict[str, str] = field(default_factory=dict)  # VLM member name -> its base model folder
     done: dict[str, np.ndarray] = field(default_factory=dict)  # node key -> logp: a shared member runs once
     passes: int = 0  # fold-model passes over the images so far (progress labels)
     total_passes: int = 0
@@ -73,9 +73,11 @@ def _folds(node: dict, paths: list[str], ctx: Context):
             yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
             del model
     elif family == "vlm":
-        from kit.infer.vlm_predict import VlmFold, base_model_for
+        from kit.infer.vlm_predict import VlmFold
 
-        base = base_model_for(node, ctx.base_models)
+        base = ctx.base_models.get(node["name"])
+        if base is None:
+            raise KitError(f"{node['name']}: a VLM member needs its base model folder")
         for fold in node["folds"]:
             files = {role: ctx.weights / rel for role, rel in fold["files"].items()}
             model = VlmFold(node["spec"], base, files, ctx.device)

@@ -17,21 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kit.errors import KitError
 from kit.infer.progress import progress
 from kit.infer.timm_predict import load_safetensors
 from kit.train.runtime import autocast
-
-
-def base_model_for(node: dict, base_models: dict[str, str]) -> str:
-    """The base model folder of a VLM member: --base-model MEMBER=DIR, else --base-model DIR."""
-    folder = base_models.get(node["name"]) or base_models.get("*")
-    trained_on = node["spec"]["base_name"]
-    if not folder:
-        raise KitError(f"{node['name']}: a VLM member needs its base model: --base-model DIR (trained on {trained_on})")
-    if not Path(folder).is_dir():
-        raise KitError(f"--base-model {folder}: no such folder (the base model {trained_on} as a local folder)")
-    return folder
 
 
 def logits(cfg, prompter, vl, head, images) -> torch.Tensor:
