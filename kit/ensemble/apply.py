@@ -25,23 +25,32 @@ def _log_softmax(x: torch.Tensor) -> torch.Tensor:
     return x - torch.logsumexp(x, dim=-1, keepdim=True)
 
 
-def blend_logp(recipe: dict, z: torch.Tensor) -> torch.Tensor:
-    """z: [M, n, C] float64 member log-probabilities -> blended log-probabilities [n, C]."""
-    w = torch.tensor(recipe["weights"], dtype=z.dtype)
-    beta = 1.0 / torch.tensor(recipe["temperatures"], dtype=z.dtype)
+def blend_logp(recipe: dict, z: list[torch.Tensor]) -> torch.Tensor:
+    """Members' float64 log-probabilities [n, C] each -> blended log-probabilities [n, C].
+
+    prob: softmax(log(sum_m w_m softmax(z_m / T_m)) / T); log: softmax(sum_m w_m z_m / T_m / T).
+    """
+    weights, temps = recipe["weights"], recipe["temperatures"]
     beta0 = 1.0 / float(recipe["global_temperature"])
+    total = torch.zeros_like(z[0])
+    for member, w, t in zip(z, weights, temps, strict=True):
+        if w == 0:
+            continue
+        if recipe["space"] == "log":
+            total.add_(member, alpha=w / t)
+        else:
+            total.add_(torch.softmax(member / t, dim=1), alpha=w)
     if recipe["space"] == "log":
-        return _log_softmax(beta0 * torch.einsum("m,mnc->nc", w * beta, z))
-    members = _log_softmax(beta[:, None, None] * z)
-    shift = members.amax(dim=0)
-    mix = torch.einsum("m,mnc->nc", w, torch.exp(members - shift)).clamp_min(TINY).log() + shift
-    return _log_softmax(beta0 * mix)
+        return torch.log_softmax(beta0 * total, dim=1)
+    return torch.log_softmax(beta0 * total.clamp_min_(TINY).log_(), dim=1)
 
 
-def stack_logp(params: dict[str, torch.Tensor], z: torch.Tensor, features: torch.Tensor | None) -> torch.Tensor:
+def stack_logp(params: dict[str, torch.Tensor], z: list[torch.Tensor], features: torch.Tensor | None) -> torch.Tensor:
     """Multinomial logistic regression: logit_c = sum_m (a_m + A_mc) z_mc + b_c + x W_c."""
     coef = params["coef_shared"][:, None] + params["coef_class"]
-    logits = (coef[:, None, :] * z.clamp_min(Z_FLOOR)).sum(dim=0) + params["bias"]
+    logits = params["bias"].expand_as(z[0]).clone()
+    for member, c in zip(z, coef, strict=True):
+        logits.addcmul_(member.clamp_min(Z_FLOOR), c)
     if "feature_coef" in params:
         logits = logits + _standardise(params, features) @ params["feature_coef"]
     return _log_softmax(logits)
@@ -55,13 +64,14 @@ def fusion_logp(
     recipe: dict,
     params: dict[str, torch.Tensor],
     model: torch.nn.Module,
-    z: torch.Tensor,
+    z: list[torch.Tensor],
     features: torch.Tensor | None,
 ) -> torch.Tensor:
     from kit.ensemble.fusion_models import member_logp, row_features
 
-    beta = 1.0 / torch.tensor(recipe["temperatures"], dtype=z.dtype)
+    beta = 1.0 / torch.tensor(recipe["temperatures"], dtype=torch.float64)
     x = None if features is None else _standardise(params, features).float()
+    z = torch.stack(z)
     with torch.no_grad():
         return model(member_logp(z, beta).float(), row_features(z), x).double()
 
@@ -96,7 +106,7 @@ def apply_recipe(
     out = np.empty(member_logp[0].shape, dtype=np.float32)
     for start in range(0, n_rows, CHUNK_ROWS):
         rows = slice(start, start + CHUNK_ROWS)
-        z = torch.from_numpy(np.stack([np.asarray(m[rows], dtype=np.float64) for m in member_logp]))
+        z = [torch.from_numpy(np.asarray(m[rows], dtype=np.float64)) for m in member_logp]
         x = None if features is None or not recipe.get("features") else torch.as_tensor(features[rows]).double()
         if method == "weights":
             logp = blend_logp(recipe, z)

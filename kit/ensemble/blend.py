@@ -18,7 +18,7 @@ import torch
 
 from kit.ensemble.compress import Compressed
 
-BLOCK_ROWS = 4096  # [10 members, 4096 rows, 48 columns] float32 is 8 MB: small, few Python round trips
+BLOCK_ROWS = 4096  # [10 members, 4096 rows, 32 columns] float32 is 5 MB: small, few Python round trips
 
 
 @dataclass

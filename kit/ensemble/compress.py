@@ -1,6 +1,6 @@
 """A compressed view of the members' OOF log-probabilities that makes blend objectives cheap.
 
-    view = compress(logp, labels, equivalents, candidates=24, samples=24)   # logp [M, N, C] float32
+    view = compress(logp, labels, equivalents, candidates=16, samples=16)   # logp [M, N, C] float32
     view.rows(train_rows)                                                  # the same view of some rows
 
 With 396 classes and 10 members one exact evaluation of a blend touches 130M numbers, and an optimiser
@@ -75,8 +75,8 @@ def compress(
     logp: np.ndarray,
     labels: np.ndarray,
     equivalents: Equivalents,
-    candidates: int = 24,
-    samples: int = 24,
+    candidates: int = 16,
+    samples: int = 16,
     seed: int = 0,
 ) -> Compressed:
     """logp: [M, N, C] float32 log-probabilities (rows normalised) of M members."""

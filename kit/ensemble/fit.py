@@ -31,7 +31,6 @@ from kit.errors import KitError
 
 SPACES = ("prob", "log")
 DEFAULT_TRIALS = 100
-SMALL_PROBLEM = 20_000_000  # members x rows x classes
 
 
 @dataclass
@@ -72,14 +71,14 @@ def _row_features(logp: np.ndarray) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _threads_for(members: Members) -> Iterator[None]:
-    """One torch thread for small problems: their tensors gain nothing from more, and every op's
-    OpenMP barrier stalls for a whole time slice when another process holds one of the cores."""
+def single_thread() -> Iterator[None]:
+    """Fit with one torch thread. The work is many small tensor ops (a few MB each): a second thread
+    gains little, and when another process holds a core every op's OpenMP barrier waits a whole time
+    slice, which made fits 10-40x slower on a shared 2-core machine (bench/RESULTS.md)."""
     import torch
 
     before = torch.get_num_threads()
-    if members.oof.size < SMALL_PROBLEM:
-        torch.set_num_threads(1)
+    torch.set_num_threads(1)
     try:
         yield
     finally:
@@ -123,7 +122,7 @@ def fit_ensemble(
     )
     settings = Settings(space, trials, timeout, storage, _study_prefix(name, members, space, seed), seed)
     results: dict[str, CrossFit] = {}
-    with _threads_for(members):
+    with single_thread():
         for m in methods:
             results[m] = crossfit(m, data, members, settings, progress)
             if progress is not None:

@@ -129,7 +129,7 @@ def fit_weights(loss: BlendLoss, temperatures: np.ndarray, space: str, w0: np.nd
     else:
         fun = _value_grad(loss, loss.log, lambda x: (x[:m], beta, torch.exp(-x[m])))
     w0 = np.full(m, 1.0 / m) if w0 is None else w0
-    x = _slsqp(fun, np.append(w0, 0.0), [(0.0, 1.0)] * m + [LOG_T], m, maxiter=200)
+    x = _slsqp(fun, np.append(w0, 0.0), [(0.0, 1.0)] * m + [LOG_T], m, maxiter=60)
     return Blend(x[:m], np.asarray(temperatures, dtype=np.float64), float(np.exp(x[m])), space)
 
 
