@@ -122,11 +122,11 @@ def test_optuna_studies_are_shared_through_storage(view_loss, tmp_path: Path):
     start = Blend(np.full(4, 0.25), temps, 1.0, "prob")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     objective = BlendObjective(loss, "prob", temps)
-    first, done = tune(objective, start, 5, None, storage, "shared", seed=0)
-    assert done == 5 and first.weights.sum() == pytest.approx(1.0)
-    _, done = tune(objective, start, 8, None, storage, "shared", seed=1)  # a second process joins the study
+    first, done = tune(objective, start, 3, None, storage, "shared", seed=0)
+    assert done == 3 and first.weights.sum() == pytest.approx(1.0)
+    _, done = tune(objective, start, 5, None, storage, "shared", seed=1)  # a second process joins the study
     study = optuna.load_study(study_name="shared", storage=storage)
-    assert done == 8 and len(study.trials) == 8
+    assert done == 5 and len(study.trials) == 5
     assert study.trials[0].params == pytest.approx(objective.params(start))  # equal weights enqueued first, once
 
 
