@@ -45,7 +45,7 @@ class VLMConfig:
     head_lr_scale: float = 10.0  # head mode: the fresh linear head learns at lr x this (LoRA at lr)
     vision_cache_gb: float = 8.0  # RAM for frozen vision-tower outputs reused across epochs; 0 off
     probe_source: str = "vision"  # probe on a VLM: vision (mean of projected image tokens) | language (LM hidden)
-    probe_c: float = 1.0  # probe: inverse L2 strength of the logistic regression on standardised features
+    probe_c: float = 0.0  # probe: inverse L2 strength of the logistic regression; 0: chosen by inner CV
 
 
 @dataclass
@@ -270,7 +270,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (0 < cfg.vlm.min_pixels <= cfg.vlm.max_pixels, "vlm.min_pixels must be > 0 and <= vlm.max_pixels"),
         (cfg.vlm.head_lr_scale > 0 and cfg.vlm.vision_cache_gb >= 0, "vlm.head_lr_scale > 0, vlm.vision_cache_gb >= 0"),
         (cfg.vlm.probe_source in ("vision", "language"), "vlm.probe_source must be vision or language"),
-        (cfg.vlm.probe_c > 0, "vlm.probe_c must be > 0"),
+        (cfg.vlm.probe_c >= 0, "vlm.probe_c must be >= 0 (0: chosen by inner CV)"),
     ]
     return [message for ok, message in checks if not ok]
 

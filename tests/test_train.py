@@ -281,7 +281,7 @@ def test_an_interrupted_fold_with_ema_mixup_and_grad_accum_resumes_exactly(compe
 
 def test_a_fold_killed_after_early_stopping_does_not_train_on_when_resumed(competition, tmp_path):
     root = folds_root(competition, tmp_path)
-    recipe = [*RECIPE, "epochs=5", "patience=1"]
+    recipe = [*RECIPE, "epochs=6", "patience=1", "lr=0.5"]  # a wild lr: the validation loss must rise
     seen: list[float] = []
 
     def kill_when_patience_runs_out(epoch: int, row: dict) -> None:

@@ -73,10 +73,8 @@ def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path) -> tuple[np.ndar
 
 
 def _fit(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-    from sklearn.linear_model import LogisticRegression
-
     mean, scale = x.mean(0), x.std(0) + 1e-6  # fitted on the fold's training rows only
-    model = LogisticRegression(C=cfg.vlm.probe_c, max_iter=1000)
+    model = _logistic(cfg.vlm.probe_c, y)
     model.fit((x - mean) / scale, y)
     return {
         "mean": torch.from_numpy(mean.astype(np.float32)),
@@ -85,6 +83,16 @@ def _fit(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tens
         "intercept": torch.from_numpy(model.intercept_.astype(np.float32)),
         "classes": torch.from_numpy(model.classes_.astype(np.int64)),
     }
+
+
+def _logistic(c: float, y: np.ndarray):
+    """A fixed C, or (c == 0) C chosen by 3-fold inner CV on log loss: with few images per class and
+    hundreds of feature dimensions a fixed C=1 gives a confidently wrong probe."""
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
+
+    if c > 0 or np.unique(y, return_counts=True)[1].min() < 3:
+        return LogisticRegression(C=c or 1.0, max_iter=1000)
+    return LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", max_iter=1000)
 
 
 def apply_head(head: dict[str, torch.Tensor], x: np.ndarray, num_classes: int) -> np.ndarray:

@@ -32,9 +32,21 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> 
             f"model {cfg.model!r}: pretrained weights not available offline ({type(e).__name__}); "
             "use pretrained: <path to weights> or run online once"
         ) from None
+    head_loaded = hub and model.pretrained_cfg.get("num_classes") == num_classes
     if pretrained and cfg.pretrained and cfg.pretrained != "hub":
-        load_pretrained(model, cfg.pretrained)
+        head_loaded = load_pretrained(model, cfg.pretrained)
+    if not head_loaded:
+        init_head(model)
     return model
+
+
+def init_head(model: torch.nn.Module) -> None:
+    """A small fresh classifier. timm's default scales the init range by 1/sqrt(num_classes) (tuned for
+    1000 classes); with a handful of classes it starts at logits of several units and a loss of ~6."""
+    head = model.get_classifier()
+    if isinstance(head, torch.nn.Linear):
+        torch.nn.init.trunc_normal_(head.weight, std=0.01)
+        torch.nn.init.zeros_(head.bias)
 
 
 def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
@@ -78,8 +90,9 @@ def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
     return dict(zip(target_keys, values, strict=True))
 
 
-def load_pretrained(model: torch.nn.Module, source: str) -> None:
-    """Load matching tensors; a classifier of another class count is left freshly initialised."""
+def load_pretrained(model: torch.nn.Module, source: str) -> bool:
+    """Load matching tensors; a classifier of another class count is left for init_head.
+    Returns whether the classifier itself was loaded."""
     state = _read_state_dict(source)
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -91,6 +104,7 @@ def load_pretrained(model: torch.nn.Module, source: str) -> None:
             f"({len(skipped)} tensors missing or of another shape, e.g. {skipped[:2]})"
         )
     model.load_state_dict(usable, strict=False)
+    return not any(k in head for k in skipped)  # True when the file's classifier fits and was loaded
 
 
 def data_config(cfg: TrainConfig, model: torch.nn.Module) -> dict:
