@@ -173,7 +173,7 @@ def test_bundle_writes_infer_py_weights_manifest_and_readme(tiny_bundle, project
 def test_cli_closing_line_names_the_folder_files_and_size(built):
     line = built.output.strip().splitlines()[-1]
     assert line.startswith(f"wrote {built.path}: 6 files, ")
-    assert "MiB (1 member runs, submit.zip); about " in line and " s on cpu for 6 test images" in line
+    assert "MiB (runs: tiny + submit.zip); about " in line and " s on cpu for 6 test images" in line
 
 
 def test_unknown_name_is_one_line_and_exit_2(project):
@@ -359,6 +359,17 @@ def test_a_damaged_weight_file_is_one_line_and_exit_2(damage, tiny_bundle, proje
     assert line.startswith(f"error: {target}: ")
     assert ("sha256 differs from the manifest" if damage == "altered" else "missing") in line
     assert not out.exists()
+
+
+def test_weights_of_another_architecture_are_refused_by_name(tiny_bundle):
+    import torch
+
+    from kit.infer.timm_predict import TimmFold
+
+    spec = bundle_data(tiny_bundle / "infer.py")["root"]["spec"]
+    weights = tiny_bundle / "weights" / "runs" / "tiny" / "fold0" / "model.safetensors"
+    with pytest.raises(KitError, match=r"model.safetensors: does not fit timm .*'s resnet18 \(Error"):
+        TimmFold({**spec, "model": "resnet18"}, weights, torch.device("cpu"))
 
 
 def test_weights_elsewhere_and_verify(tiny_bundle, tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -157,12 +158,27 @@ def bundle_recipe(root: Path, name: str) -> tuple[dict, Collected]:
         "merge_groups": [list(g) for g in folds.merge_groups],
         "bom": bool(folds.meta.get("sample_bom", False)),
         "folds_sha256": folds.sha256,
+        "built_with": built_with(got.needs),
         "base_models": got.base_models,
         "root": tree,
         "weights": {},  # filled once the files are copied: path under weights/ -> sha256, size
         "test": stored_test_table(folds),
     }
     return bundle, got
+
+
+def built_with(needs: set[str]) -> dict[str, str]:
+    """Versions of the libraries the bundle will import, as installed where it was built."""
+    import importlib.metadata
+
+    names = ["python", *BASE_REQUIREMENTS, "safetensors", *(VLM_REQUIREMENTS if "vlm" in needs else [])]
+    out = {}
+    for name in names:
+        try:
+            out[name] = sys.version.split()[0] if name == "python" else importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
 
 
 def requirements(needs: set[str]) -> list[str]:

@@ -43,8 +43,6 @@ def bundle(name: str, fmt: str, device: str, root: Path) -> None:
     from kit.bundle.build import build_bundle
 
     s = build_bundle(root, name, fmt, device)
-    extras = "".join(f", {p.name}" for p in s.extras)
-    click.echo(
-        f"wrote {s.path}: {s.files} files, {s.bytes / 2**20:.1f} MiB ({len(s.members)} member runs{extras}); "
-        f"{s.estimate}"
-    )
+    extras = "".join(f" + {p.name}" for p in s.extras)
+    runs = ", ".join(s.members)
+    click.echo(f"wrote {s.path}: {s.files} files, {s.bytes / 2**20:.1f} MiB (runs: {runs}{extras}); {s.estimate}")

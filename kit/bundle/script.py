@@ -17,6 +17,7 @@ TEMPLATE = '''#!/usr/bin/env python3
     python infer.py --images DIR --out FILE.csv [--weights DIR]{base_flag} [--device cpu|cuda] [--batch-size N]
 
 {summary}
+
 Needs {requirements}; never imports kit. The parts of kit that inference needs are embedded
 below (gzip + base64) and imported from a temporary folder under the private package name {package}.
 Every weight file is checked against the manifest (sha256 and size) before anything is loaded; a user

@@ -121,7 +121,13 @@ class TimmFold:
     def __init__(self, spec: dict, weights: Path, device: torch.device):
         self.spec, self.device = spec, device
         model = build_timm_model(spec)
-        model.load_state_dict(load_safetensors(Path(weights)))
+        try:
+            model.load_state_dict(load_safetensors(Path(weights)))
+        except RuntimeError as e:  # another timm version may name or shape the layers differently
+            import timm
+
+            reason = (str(e).splitlines() or [""])[0][:160]
+            raise KitError(f"{weights}: does not fit timm {timm.__version__}'s {spec['model']} ({reason})") from None
         channels_last = spec["channels_last"] and device.type == "cuda"
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
