@@ -11,6 +11,7 @@ from pathlib import Path
 
 import click
 
+from kit.bundle.command import bundle as bundle_command
 from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
 
@@ -313,6 +314,7 @@ def demo(root, quick) -> None:
 
 # Stages that live in their own packages bring their own command; only click loads at start-up.
 main.add_command(ensemble_command)
+main.add_command(bundle_command)
 
 if __name__ == "__main__":
     main()

@@ -146,7 +146,7 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
 
 def _bundle_parity(root: Path, submission: Path, images: Path) -> float:
     """Bundle the ensemble, run its infer.py as a separate process, and compare its CSV with kit's."""
-    from kit.bundle import build_bundle
+    from kit.bundle.build import build_bundle
 
     bundle = build_bundle(root, "demo").path
     out = root / "submissions" / "demo.infer.csv"
