@@ -52,6 +52,12 @@ def encoded_batches(
 ) -> Iterator[tuple[list[int], list[EncodedImage]]]:
     """Batches of (row keys, encoded images) in the order of `rows`; paths[i] is the image of rows[i]."""
     skip = set(cache.items) if cache is not None else set()
+    if cache is not None and all(int(row) in skip for row in rows):  # a warm epoch: no loader workers to start
+        keys = [int(row) for row in rows]
+        for start in range(0, len(keys), batch_size):
+            batch_rows = keys[start : start + batch_size]
+            yield batch_rows, [cache.get(row) for row in batch_rows]
+        return
     for batch_rows, pixels, todo in image_loader(prompter, paths, rows, batch_size, workers, skip):
         fresh = vl.encode_images(pixels) if pixels is not None else []
         images: list[EncodedImage | None] = [None] * len(batch_rows)

@@ -21,7 +21,7 @@ from kit.train.loop import evaluate
 from kit.train.runtime import autocast, default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
 from kit.vlm.features import VisionCache, encoded_batches
 from kit.vlm.inputs import Prompter, pad_right
-from kit.vlm.model import ClassifierHead, EncodedImage, VisionLanguage, load_vlm, save_adapter
+from kit.vlm.model import ClassifierHead, EncodedImage, VisionLanguage, load_vlm, save_adapter, upload
 from kit.vlm.trainer import LoraTrainer, fit_epochs
 
 HEAD_FILE = "head.safetensors"
@@ -63,6 +63,19 @@ def predict_batches(cfg: TrainConfig, prompter, vl, head, batches: Iterable, dev
     return torch.cat(out).numpy().astype(np.float32)
 
 
+def train_loss(
+    cfg: TrainConfig, prompter: Prompter, vl: VisionLanguage, head: ClassifierHead, labels: torch.Tensor, device
+) -> Callable[[tuple], tuple[torch.Tensor, int]]:
+    """loss_fn(batch) -> (cross-entropy, rows) of a (row keys, encoded images) batch; labels[row] is its class."""
+
+    def loss_fn(batch) -> tuple[torch.Tensor, int]:
+        rows, images = batch
+        y = upload(labels[rows], device)
+        return F.cross_entropy(logits(cfg, prompter, vl, head, images), y, label_smoothing=cfg.label_smoothing), len(y)
+
+    return loss_fn
+
+
 def fit_fold(
     cfg: TrainConfig,
     folds: Folds,
@@ -87,10 +100,7 @@ def fit_fold(
     def batches(rows: np.ndarray, size: int = cfg.batch_size):
         return encoded_batches(vl, prompter, list(paths[rows]), rows, size, workers, cache)
 
-    def loss_fn(batch) -> tuple[torch.Tensor, int]:
-        rows, images = batch
-        y = labels[rows].to(device)
-        return F.cross_entropy(logits(cfg, prompter, vl, head, images), y, label_smoothing=cfg.label_smoothing), len(y)
+    loss_fn = train_loss(cfg, prompter, vl, head, labels, device)
 
     def validate() -> dict:
         logp = predict_batches(cfg, prompter, vl, head, batches(valid_rows, predict_size(cfg)), device)

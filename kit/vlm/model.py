@@ -7,19 +7,29 @@
 The vision tower and projector never join the autograd graph: they run under `torch.no_grad()`, stay
 in eval mode, get no LoRA (adapters are restricted to the language model by a regex) and keep no
 input-grad hooks (gradient checkpointing and peft add those; they are removed again).
+
+Speed: a training step with cached image features makes no host-device synchronisation of its own
+(token counts, 3D rotary positions and the all-ones test of the mask are computed on the host, the
+features travel in one pinned asynchronous copy), and Qwen2.5-VL's windowed vision attention runs as a
+few batched calls instead of transformers' Python loop of one call per window (16 per 448x448 image
+and layer without flash-attn).
 """
 
 from __future__ import annotations
 
 import inspect
+import itertools
 import os
 import re
+import sys
 import tempfile
+import types
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kit.config import TrainConfig
@@ -194,6 +204,8 @@ class VisionLanguage:
         self._token_types = "mm_token_type_ids" in rope_args
         cache_arg = "cache" if "cache" in inspect.signature(self.language_model.forward).parameters else None
         self._cache_arg = cache_arg or "past_key_values"
+        self._row_positions: dict[tuple, torch.Tensor] = {}  # (prompt ids, grid) -> [3, L] rotary positions
+        self.batched_attention_layers = batch_window_attention(self.core)
 
     @property
     def hidden_size(self) -> int:
@@ -238,26 +250,45 @@ class VisionLanguage:
     def embed(
         self, ids: torch.Tensor, mask: torch.Tensor, images: list[EncodedImage]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Token embeddings with the image features in the placeholder slots, and position ids."""
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        """Token embeddings with the image features in the placeholder slots, and position ids.
+
+        ids and mask are best given on the host (as pad_right makes them): counting and positions then
+        need no device synchronisation."""
+        n_slots = int((ids == self.image_token_id).sum())
+        n_features = sum(im.features.shape[0] for im in images)
+        if n_slots != n_features:
+            raise KitError(f"prompt has {n_slots} image slots for {n_features} image tokens")
+        positions = self.positions(ids, mask, images)
+        ids = upload(ids, self.device)
         embeds = self.language_model.get_input_embeddings()(ids)
-        features = torch.cat([im.features for im in images]).to(self.device, embeds.dtype)
-        slots = (ids == self.image_token_id).unsqueeze(-1)
-        if int(slots.sum()) != features.shape[0]:
-            raise KitError(f"prompt has {int(slots.sum())} image slots for {features.shape[0]} image tokens")
-        embeds = embeds.masked_scatter(slots, features)
-        return embeds, self.positions(ids, mask, images)
+        features = to_device([im.features for im in images], self.device).to(embeds.dtype)
+        embeds = embeds.masked_scatter((ids == self.image_token_id).unsqueeze(-1), features)
+        return embeds, positions
 
     def positions(self, ids: torch.Tensor, mask: torch.Tensor, images: list[EncodedImage]) -> torch.Tensor | None:
-        """Qwen's 3D (t, h, w) rotary positions; None lets other models count 0, 1, 2, ..."""
+        """Qwen's 3D (t, h, w) rotary positions [3, B, L]; None lets other models count 0, 1, 2, ...
+
+        One image per row, right padding. Each row's positions depend only on its tokens and its image
+        grid, so they are computed once on the host (transformers' per-row loop would synchronise the
+        device several times per row) and reused; padded slots get position 0.
+        """
         if not self.grid:
             return None
-        grid = torch.stack([im.grid for im in images]).to(self.device)
-        kwargs = {"image_grid_thw": grid, "attention_mask": mask}
-        if self._token_types:
-            kwargs["mm_token_type_ids"] = (ids == self.image_token_id).int()
-        position_ids, _ = self.core.get_rope_index(ids, **kwargs)
-        return position_ids
+        ids, mask = ids.cpu(), mask.cpu()
+        out = torch.zeros((3, *ids.shape), dtype=torch.long)
+        for i, image in enumerate(images):
+            n = int(mask[i].sum())
+            row, grid = ids[i, :n], image.grid.cpu()
+            key = (row.numpy().tobytes(), tuple(grid.tolist()))
+            if key not in self._row_positions:
+                kwargs = {"image_grid_thw": grid[None], "attention_mask": torch.ones((1, n), dtype=torch.long)}
+                if self._token_types:
+                    kwargs["mm_token_type_ids"] = (row[None] == self.image_token_id).int()
+                if len(self._row_positions) >= 4096:
+                    self._row_positions.clear()
+                self._row_positions[key] = self.core.get_rope_index(row[None], **kwargs)[0][:, 0]
+            out[:, i, :n] = self._row_positions[key]
+        return upload(out, self.device)
 
     def run(self, embeds, mask, position_ids, cache=None, use_cache: bool = False):
         """The language model's last hidden states [B, L, H] and, with use_cache, its KV cache."""
@@ -270,7 +301,106 @@ class VisionLanguage:
 
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor, images: list[EncodedImage]) -> torch.Tensor:
         embeds, position_ids = self.embed(ids, mask, images)
-        return self.run(embeds, mask.to(self.device), position_ids)[0]
+        # no padding (the usual case: one prompt, one image size): no mask, so transformers need not
+        # test it on the device before choosing the causal kernel
+        full = mask.device.type == "cpu" and bool(mask.all())
+        return self.run(embeds, None if full else upload(mask, self.device), position_ids)[0]
+
+
+def upload(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`tensor` on `device`; from the host to a GPU through pinned memory, asynchronously: a plain
+    `.to(device)` waits for everything queued on the device, so the host could not run ahead."""
+    if device.type == "cuda" and tensor.device.type == "cpu":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """The tensors concatenated on `device`; host tensors (cached features) go in one asynchronous copy."""
+    if all(t.device.type == "cpu" for t in tensors):
+        return upload(torch.cat(tensors), device)
+    return torch.cat([upload(t, device) for t in tensors])  # fresh (on the device) and cached rows may mix
+
+
+def batch_window_attention(model: nn.Module) -> int:
+    """Qwen2.5-VL's vision attention as one SDPA call per distinct window length; the number of layers set.
+
+    Without flash-attn, transformers attends each window of `cu_seqlens` in its own call from a Python
+    loop. Windows of equal length (all of them for sides that are multiples of 112 px) are stacked and
+    attended in one batched call: the same arithmetic, without thousands of small launches per batch.
+    Other models, other attention implementations and training mode keep transformers' own forward.
+    """
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ != "Qwen2_5_VLVisionAttention":
+            continue
+        rotary = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb_vision", None)
+        params = inspect.signature(module.forward).parameters
+        expected = {"hidden_states", "cu_seqlens", "position_embeddings"} <= set(params)
+        attributes = all(hasattr(module, a) for a in ("qkv", "proj", "num_heads", "scaling", "config"))
+        if (
+            rotary is None
+            or not expected
+            or not attributes
+            or getattr(module.config, "_attn_implementation", "") != "sdpa"
+        ):
+            continue
+        module.forward = types.MethodType(_window_attention(rotary, module.forward), module)
+        count += 1
+    return count
+
+
+_WINDOW_PLANS: dict[int, tuple[torch.Tensor, list]] = {}  # id(cu_seqlens) -> (cu_seqlens, plan); one forward's
+
+
+def _window_plan(cu_seqlens: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """[(window length, token index of those windows or None when one length tiles the sequence)].
+
+    Every layer of one forward gets the same cu_seqlens object: the plan (one device sync) is made once.
+    The tensor is kept with its plan, so its id cannot be reused by another tensor while cached.
+    """
+    entry = _WINDOW_PLANS.get(id(cu_seqlens))
+    if entry is not None and entry[0] is cu_seqlens:
+        return entry[1]
+    bounds = cu_seqlens.tolist()
+    starts: dict[int, list[int]] = {}
+    for start, end in itertools.pairwise(bounds):
+        if end > start:
+            starts.setdefault(end - start, []).append(start)
+    if len(starts) == 1 and bounds[0] == 0:
+        plan = [(next(iter(starts)), None)]
+    else:
+        plan = [
+            (length, (torch.tensor(s)[:, None] + torch.arange(length)).reshape(-1).to(cu_seqlens.device))
+            for length, s in starts.items()
+        ]
+    if len(_WINDOW_PLANS) >= 8:
+        _WINDOW_PLANS.clear()
+    _WINDOW_PLANS[id(cu_seqlens)] = (cu_seqlens, plan)
+    return plan
+
+
+def _window_attention(rotary, original):
+    def forward(self, hidden_states: torch.Tensor, cu_seqlens: torch.Tensor, position_embeddings=None, **kwargs):
+        if self.training or position_embeddings is None:
+            return original(hidden_states, cu_seqlens=cu_seqlens, position_embeddings=position_embeddings, **kwargs)
+        length = hidden_states.shape[0]
+        q, k, v = self.qkv(hidden_states).reshape(length, 3, self.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = rotary(q, k, *position_embeddings)  # [S, heads, head_dim]
+        out = None
+        for window, index in _window_plan(cu_seqlens):
+            parts = [t if index is None else t[index] for t in (q, k, v)]
+            parts = [t.reshape(-1, window, *t.shape[1:]).transpose(1, 2) for t in parts]  # [windows, heads, W, d]
+            attended = F.scaled_dot_product_attention(*parts, scale=self.scaling).transpose(1, 2)
+            attended = attended.reshape(-1, *q.shape[1:])
+            if index is None:
+                out = attended
+            else:
+                out = q.new_empty(q.shape) if out is None else out
+                out[index] = attended
+        return self.proj(out.reshape(length, -1))
+
+    return forward
 
 
 class ClassifierHead(nn.Module):
@@ -285,9 +415,9 @@ class ClassifierHead(nn.Module):
 
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":
-            weights = image_slots.to(hidden.device, torch.float32).unsqueeze(-1)
+            weights = upload(image_slots, hidden.device).to(torch.float32).unsqueeze(-1)
             return (hidden.float() * weights).sum(1) / weights.sum(1).clamp_min(1)
-        last = mask.to(hidden.device).sum(1) - 1  # right padding: the last real token
+        last = upload(mask, hidden.device).sum(1) - 1  # right padding: the last real token
         return hidden[torch.arange(len(hidden), device=hidden.device), last].float()
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, image_slots: torch.Tensor) -> torch.Tensor:

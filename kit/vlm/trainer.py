@@ -89,9 +89,10 @@ class LoraTrainer:
                 bar.set_postfix(loss=f"{float(loss_sum) / max(count, 1):.4f}")
         bar.close()
         self.train(False)
+        train_loss = float(loss_sum) / max(count, 1)  # waits for the device: the time covers all the work
         seconds = time.perf_counter() - start
         return {
-            "train_loss": float(loss_sum) / max(count, 1),
+            "train_loss": train_loss,
             "seconds": round(seconds, 3),
             "images_per_s": round(count / max(seconds, 1e-9), 1),
         }
