@@ -76,7 +76,7 @@ def reference_fit(oof: np.ndarray, labels: np.ndarray, budget: float) -> tuple[n
 
     m = oof.shape[0]
     z = torch.from_numpy(oof)
-    y = torch.from_numpy(labels)
+    y = torch.from_numpy(np.array(labels))
     evals, start = [0], time.perf_counter()
 
     def fun(x: np.ndarray):
@@ -87,7 +87,7 @@ def reference_fit(oof: np.ndarray, labels: np.ndarray, budget: float) -> tuple[n
         logp = torch.log_softmax(torch.exp(-xt[2 * m]) * mix, dim=1)
         loss = -logp[torch.arange(len(y)), y].double().mean()
         loss.backward()
-        return float(loss), xt.grad.double().numpy()
+        return float(loss.detach()), xt.grad.double().numpy()
 
     def stop(intermediate_result) -> None:
         if time.perf_counter() - start > budget:

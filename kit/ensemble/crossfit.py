@@ -25,8 +25,8 @@ from kit.metrics import score
 @dataclass
 class CrossFit:
     method: str
-    oof: np.ndarray  # [N, C] float32 cross-fitted log-probabilities
-    test: np.ndarray  # [T, C] float32 from the recipe fitted on all rows
+    oof: np.ndarray | None  # [N, C] float32 cross-fitted log-probabilities (None once freed)
+    test: np.ndarray | None  # [T, C] float32 from the recipe fitted on all rows
     final: Fitted
     recipe: dict  # the final recipe, as apply_recipe reads it
     cv: dict[str, float]  # score of the cross-fitted OOF

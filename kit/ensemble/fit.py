@@ -11,6 +11,7 @@ rows and applied to the members' test predictions.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import re
 import time
@@ -85,6 +86,14 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _keep_arrays_of_best(results: dict[str, CrossFit]) -> None:
+    """Free the OOF and test predictions of every method but the best so far (peak memory)."""
+    best = min(results.values(), key=lambda r: r.cv["log_loss"])
+    for name, r in results.items():
+        if r is not best and r.oof is not None:
+            results[name] = dataclasses.replace(r, oof=None, test=None)
+
+
 def _methods(method: str, members: Members) -> list[str]:
     if method != "auto":
         return [method]
@@ -127,6 +136,7 @@ def fit_ensemble(
             results[m] = crossfit(m, data, members, settings, progress)
             if progress is not None:
                 progress(f"{m}: cross-fitted log loss {results[m].cv['log_loss']:.5f}")
+            _keep_arrays_of_best(results)
         member_scores, curves = score_members(members, view)
     best = min(results.values(), key=lambda r: r.cv["log_loss"])
     summary = EnsembleSummary(

@@ -51,12 +51,6 @@ def _check_ids(got: np.ndarray, want: np.ndarray, where: str, what: str) -> None
         raise KitError(f"{where}: row {row} has id {got[row]!r} where {what} has {want[row]!r}")
 
 
-def _check_source(source: Source, folds: Folds) -> None:
-    """load_source has checked the folds sha256 and the class list; a run must record both."""
-    if "folds_sha256" not in source.meta:
-        raise KitError(f"{source.path}: its {source.kind} file records no folds_sha256")
-
-
 def _read_member(source: Source, folds: Folds) -> tuple[np.ndarray, np.ndarray]:
     oof, test = source.oof, source.test
     n_classes = len(folds.classes)
@@ -112,9 +106,7 @@ def load_members(root: Path, runs: list[str]) -> Members:
     if seen:
         raise KitError(f"{sorted(seen)[0]}: named twice")
     folds = load_folds(root)
-    sources = [load_source(root, name, folds) for name in runs]
-    for source in sources:
-        _check_source(source, folds)
+    sources = [load_source(root, name, folds) for name in runs]  # refuses other folds or classes, by name
     shape = (len(sources), len(folds.train), len(folds.classes))
     oof = np.empty(shape, dtype=np.float32)
     test = np.empty((len(sources), len(folds.test), len(folds.classes)), dtype=np.float32)

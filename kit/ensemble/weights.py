@@ -91,10 +91,11 @@ def fit_temperatures(loss: BlendLoss, iters: int = 30) -> np.ndarray:
 
 def _slsqp(fun, x0: np.ndarray, bounds: list, n_weights: int, maxiter: int) -> np.ndarray:
     simplex = {"type": "eq", "fun": lambda x: x[:n_weights].sum() - 1.0, "jac": lambda x: _unit(x, n_weights)}
+    start = fun(x0)[0]
     result = minimize(
         fun, x0, jac=True, method="SLSQP", bounds=bounds, constraints=[simplex], options={"maxiter": maxiter}
     )
-    x = result.x if np.isfinite(result.fun) and fun(result.x)[0] <= fun(x0)[0] else x0
+    x = result.x if np.isfinite(result.fun) and result.fun <= start else x0  # never worse than the start
     x = x.copy()
     x[:n_weights] = np.clip(x[:n_weights], 0.0, None)
     x[:n_weights] /= x[:n_weights].sum()  # SLSQP meets the constraint to ~1e-10; make it exact
@@ -133,7 +134,7 @@ def fit_weights(loss: BlendLoss, temperatures: np.ndarray, space: str, w0: np.nd
     return Blend(x[:m], np.asarray(temperatures, dtype=np.float64), float(np.exp(x[m])), space)
 
 
-def polish(loss: BlendLoss, blend: Blend, maxiter: int = 30) -> Blend:
+def polish(loss: BlendLoss, blend: Blend, maxiter: int = 50) -> Blend:
     """Step 3 (prob space): weights, member and global temperatures together."""
     m = loss.n_members
     loss = loss.subset(POLISH_ROWS)
@@ -143,7 +144,8 @@ def polish(loss: BlendLoss, blend: Blend, maxiter: int = 30) -> Blend:
     return Blend(x[:m], np.exp(x[m : 2 * m]), float(np.exp(x[2 * m])), "prob")
 
 
-def fit_blend(loss: BlendLoss, space: str = "prob", polish_iters: int = 30) -> Blend:
+def fit_blend(loss: BlendLoss, space: str = "prob", polish_iters: int = 50) -> Blend:
+    """Steps 1-3: the fast answer for weights and temperatures on the view."""
     temperatures = fit_temperatures(loss)
     blend = fit_weights(loss, temperatures, space)
     if space == "prob" and polish_iters > 0 and loss.n_members > 1:
