@@ -75,7 +75,7 @@ def _row_features(logp: np.ndarray) -> np.ndarray:
 def single_thread() -> Iterator[None]:
     """Fit with one torch thread. The work is many small tensor ops (a few MB each): a second thread
     gains little, and when another process holds a core every op's OpenMP barrier waits a whole time
-    slice, which made fits 10-40x slower on a shared 2-core machine (bench/RESULTS.md)."""
+    slice, which made fit steps 4-40x slower on a shared 2-core machine (bench/RESULTS.md)."""
     import torch
 
     before = torch.get_num_threads()
