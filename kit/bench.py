@@ -144,21 +144,27 @@ def bench_training(cfg: TrainConfig, batch_size: int, steps: int = 30, warmup: i
     return rows
 
 
-def write_jpegs(folder: Path, n: int, size: tuple[int, int] = (512, 384), seed: int = 0) -> list[str]:
-    """Synthetic photo-sized JPEGs (smooth colour fields + noise) for measuring the input pipeline."""
+def _write_jpeg(args: tuple[Path, tuple[int, int], int]) -> None:
     from PIL import Image
 
-    folder.mkdir(parents=True, exist_ok=True)
+    path, size, seed = args
+    if path.is_file():
+        return
     rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(n):
-        path = folder / f"{i:06d}.jpg"
-        if not path.is_file():
-            base = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
-            noisy = np.asarray(base, dtype=np.int16) + rng.integers(-20, 20, (size[1], size[0], 3))
-            Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(str(path))
-    return paths
+    base = Image.fromarray((rng.random((6, 8, 3)) * 255).astype(np.uint8)).resize(size, Image.BICUBIC)
+    noisy = np.asarray(base, dtype=np.int16) + rng.integers(-20, 20, (size[1], size[0], 3))
+    Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8)).save(path, quality=90)
+
+
+def write_jpegs(folder: Path, n: int, size: tuple[int, int] = (512, 384), seed: int = 0) -> list[str]:
+    """Synthetic photo-sized JPEGs (smooth colour fields + noise) for measuring the input pipeline."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    folder.mkdir(parents=True, exist_ok=True)
+    jobs = [(folder / f"{i:06d}.jpg", size, seed * 1_000_003 + i) for i in range(n)]
+    with ProcessPoolExecutor() as pool:
+        list(pool.map(_write_jpeg, jobs, chunksize=64))
+    return [str(path) for path, _, _ in jobs]
 
 
 def bench_input_pipeline(
