@@ -51,6 +51,7 @@ class Collected:
     needs: set[str] = field(default_factory=set)
     members: list[str] = field(default_factory=list)
     base_models: dict[str, str] = field(default_factory=dict)  # VLM run -> the base model it was trained on
+    packages: set[str] = field(default_factory=set)  # beyond the extras' own: bitsandbytes for 4-bit VLMs
 
 
 def _fold_dirs(source: Source, folds: Folds) -> list[Path]:
@@ -86,6 +87,8 @@ def _run_node(source: Source, folds: Folds, got: Collected) -> dict:
         spec, fold_files = vlm_spec(cfg), vlm_folds(source, fold_dirs, got)
         got.needs.add("vlm")
         got.base_models[source.name] = cfg.model
+        if cfg.vlm.load_in_4bit:
+            got.packages.add("bitsandbytes")
     else:
         kind = f"{cfg.family} ({cfg.vlm.head} mode)" if cfg.family == "vlm" else cfg.family
         raise KitError(f"{source.path}: a {kind} run cannot be bundled yet (timm runs and vlm head runs can)")
@@ -181,8 +184,8 @@ def built_with(needs: set[str]) -> dict[str, str]:
     return out
 
 
-def requirements(needs: set[str]) -> list[str]:
-    return BASE_REQUIREMENTS + (VLM_REQUIREMENTS if "vlm" in needs else [])
+def requirements(needs: set[str], packages: set[str] = frozenset()) -> list[str]:
+    return BASE_REQUIREMENTS + (VLM_REQUIREMENTS if "vlm" in needs else []) + sorted(packages)
 
 
 def package_name(sources: dict[str, str]) -> str:
@@ -226,9 +229,9 @@ def write_bundle_files(out: Path, bundle: dict, got: Collected, estimate_lines: 
     sources = embedded_sources(got.needs, "_kit_bundle")
     package = package_name(sources)
     sources = embedded_sources(got.needs, package)
-    reqs = ", ".join(requirements(got.needs))
+    reqs = ", ".join(requirements(got.needs, got.packages))
     write_text(out / "infer.py", render_script(bundle, sources, package, _summary_lines(bundle), reqs))
-    write_text(out / "README.txt", readme_text(bundle, requirements(got.needs), estimate_lines))
+    write_text(out / "README.txt", readme_text(bundle, requirements(got.needs, got.packages), estimate_lines))
     write_manifest(out, bundle)
     return package
 

@@ -44,7 +44,7 @@ def write_dacon(staging: Path, bundle: dict, got, final: Path) -> Path:
     sources = embedded_sources(got.needs, "_kit_bundle")
     package = package_name(sources)
     sources = embedded_sources(got.needs, package)
-    reqs = requirements(got.needs)
+    reqs = requirements(got.needs, got.packages)
     script = render_script(bundle, sources, package, summary_lines(bundle), ", ".join(reqs), DACON_DEFAULTS)
     with atomic_path(staging / "submit.zip") as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("script.py", script)

@@ -1,0 +1,177 @@
+"""The offline bundle's inference speed against kit's own, recorded in bench/RESULTS.md.
+
+    python bench/bench_bundle.py                                   # CPU: resnet18 @ 224, 96 JPEGs, 2 folds, flip TTA
+    python bench/bench_bundle.py --device cuda --model convnext_base.fb_in22k_ft_in1k_384 --img-size 384 --images 2048
+
+One synthetic project (a run of `--folds` fold models with random weights: speed does not depend on
+them; the decoded-image cache off, as the bundle has none) is predicted on the same folder of JPEGs:
+- kit: `kit.predict.predict_folder` (what `kit predict` runs: each fold's kit predictor, fold average,
+  CSV);
+- bundle: infer.py's embedded modules, unpacked and imported under their private package name, in this
+  same process, through infer.py's own command line (manifest check, image matching, prediction, CSV).
+Same process, device, torch threads and DataLoader workers for both; after one untimed warm-up each,
+every round times both sides back to back (which goes first alternates). The headline ratio is kit's
+best round over the bundle's best round (>= 1: the bundle is as fast or faster); the median of the
+per-round ratios is printed beside it, as a check against a lucky round on a shared machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import gzip
+import importlib
+import json
+import runpy
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kit.bench import write_jpegs
+from kit.bundle.build import build_bundle
+from kit.config import load_config, to_dict
+from kit.folds import load_folds, make_folds
+from kit.io import read_json, write_json
+from kit.predict import predict_folder
+from kit.train.checkpoint import save_weights
+from kit.train.runtime import default_workers
+from kit.train.timm_family import resolve_config
+from kit.train.timm_model import build_model
+
+RUN = "bench_run"
+CLASSES = ["class_a", "class_b", "class_c", "class_d"]
+
+
+def make_project(root: Path, n_images: int) -> Path:
+    """A small Dacon-layout competition: 4 classes x 4 training PNGs, `n_images` test JPEGs (512x384)."""
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    for c, name in enumerate(CLASSES):
+        folder = data / "train" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(4):
+            pixels = (rng.random((4, 4, 3)) * 128 + c * 32).astype(np.uint8)
+            Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).save(folder / f"{i}.png")
+    paths = write_jpegs(data / "test", n_images)
+    ids = [Path(p).stem for p in paths]
+    uniform = ",".join(["0.25"] * len(CLASSES))
+    (data / "sample_submission.csv").write_text(
+        "ID," + ",".join(CLASSES) + "\n" + "".join(f"{i},{uniform}\n" for i in ids), encoding="utf-8"
+    )
+    make_folds(data, root=root, k=2, workers=1)
+    return data / "test"
+
+
+def make_run(root: Path, args: argparse.Namespace) -> None:
+    """runs/bench_run/ as kit train leaves it, with randomly initialised fold weights."""
+    folds = load_folds(root)
+    overrides = [f"name={RUN}", "cache=false", f"device={args.device}", f"workers={args.workers}"]
+    overrides += [f"tta=[{','.join(args.tta)}]", f"predict_batch_size={args.batch_size}"]
+    cfg = load_config(None, overrides, quick={"model": args.model, "img_size": args.img_size})
+    cfg = resolve_config(cfg, folds)
+    run_dir = root / "runs" / RUN
+    record = {**to_dict(cfg), "folds_sha256": folds.sha256, "classes": folds.classes, "kit_version": "bench"}
+    write_json(run_dir / "config.json", record)
+    for k in range(folds.k):
+        torch.manual_seed(k)
+        save_weights(run_dir / f"fold{k}" / "model.safetensors", build_model(cfg, cfg.num_classes, False).state_dict())
+        write_json(run_dir / f"fold{k}" / "done.json", {"fold": k})
+
+
+class Bundle:
+    """infer.py's embedded package imported in this process, called through its command line."""
+
+    def __init__(self, infer_py: Path):
+        names = runpy.run_path(str(infer_py), run_name="kit_bench_bundle")  # defines, does not run main()
+        self.folder = Path(tempfile.mkdtemp(prefix="kit-bench-bundle-"))
+        names["unpack"](self.folder)
+        sys.path.insert(0, str(self.folder))
+        self.cli = importlib.import_module(names["PACKAGE"] + ".infer.cli")
+        test = json.loads(gzip.decompress(base64.b64decode(names["TEST_TABLE"])))
+        self.bundle = {**names["BUNDLE"], "test": test}
+        self.here = infer_py.parent
+
+    def __call__(self, images: Path, out: Path, args: argparse.Namespace) -> None:
+        argv = ["--images", str(images), "--out", str(out), "--device", args.device, "--workers", str(args.workers)]
+        if self.cli.main(argv, self.bundle, self.here) != 0:
+            raise SystemExit("the bundle failed")
+
+
+def read_values(path: Path) -> np.ndarray:
+    lines = path.read_text(encoding="utf-8-sig").splitlines()[1:]
+    return np.array([line.split(",")[1:] for line in lines], dtype=np.float64)
+
+
+def timed(fn) -> float:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet18")
+    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--images", type=int, default=96)
+    p.add_argument("--tta", nargs="+", default=["none", "hflip"])
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=-1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
+    args = p.parse_args()
+    args.workers = default_workers(args.workers)
+    root = args.root / f"{args.model}_{args.img_size}_{args.images}"
+    images = root / "data" / "test"
+    if not (root / "folds" / "classes.json").is_file():
+        images = make_project(root, args.images)
+    make_run(root, args)
+    built = build_bundle(root, RUN, device=args.device)
+    bundle = Bundle(built.path / "infer.py")
+    outs = {"kit": root / "kit.csv", "bundle": root / "bundle.csv"}
+    sides = {
+        "kit": lambda: predict_folder(root, RUN, images, outs["kit"]),
+        "bundle": lambda: bundle(images, outs["bundle"], args),
+    }
+    for fn in sides.values():  # warm-up: first CUDA/oneDNN kernels, page cache
+        fn()
+    seconds: dict[str, list[float]] = {name: [] for name in sides}
+    for r in range(args.rounds):  # the side that goes first alternates: neither always meets a warmer cache
+        for name in sorted(sides, reverse=bool(r % 2)):
+            seconds[name].append(timed(sides[name]))
+    report(args, root, seconds, float(np.abs(read_values(outs["kit"]) - read_values(outs["bundle"])).max()))
+
+
+def report(args: argparse.Namespace, root: Path, seconds: dict[str, list[float]], diff: float) -> None:
+    """Best of the rounds per side (the least disturbed on a shared machine) and each round's ratio."""
+    n = args.images * len(args.tta) * read_json(root / "folds" / "classes.json")["k"]
+    threads = torch.get_num_threads()
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {threads} torch threads"
+    print(f"device: {device}; torch {torch.__version__}; {args.workers} loader workers")
+    print(f"{args.model} @ {args.img_size} px, {args.images} JPEGs 512x384, TTA {'+'.join(args.tta)}, 2 folds")
+    print(f"| side | best of {args.rounds} rounds, s | test images/s | model forwards/s | every round, s |")
+    print("|---|---|---|---|---|")
+    for name, values in seconds.items():
+        best = min(values)
+        rounds = ", ".join(f"{v:.2f}" for v in values)
+        print(f"| {name} | {best:.2f} | {args.images / best:.2f} | {n / best:.1f} | {rounds} |")
+    ratios = [k / b for k, b in zip(seconds["kit"], seconds["bundle"], strict=True)]
+    print(f"model forwards per round: {n}; max |kit - bundle| probability: {diff:.2e}")
+    print(
+        f"bundle speed / kit speed: {min(seconds['kit']) / min(seconds['bundle']):.3f} (best of each side); "
+        f"median of the rounds' ratios {statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
