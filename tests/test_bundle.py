@@ -182,15 +182,28 @@ def test_unknown_name_is_one_line_and_exit_2(project):
     assert result.output.strip().startswith("error: nope: no run or ensemble of that name")
 
 
+def test_a_probe_whose_encoder_no_longer_reproduces_its_features_is_refused(ensembles, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(ensembles, root, ignore=shutil.ignore_patterns("submissions", ".cache"))
+    saved = root / "runs" / "probe" / "test_features.npz"
+    with np.load(saved) as npz:
+        arrays = dict(npz)
+    np.savez(saved, **{**arrays, "features": arrays["features"] + 0.01})
+    result = invoke_bundle("featured", "--root", root)
+    assert result.exit_code == 2
+    assert "the encoder rebuilt from config.json does not reproduce the run's saved test features" in result.output
+
+
 def test_runs_a_bundle_cannot_predict_are_refused_by_name(project, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(project, root, ignore=shutil.ignore_patterns("submissions", ".cache", "*.bundle"))
-    shutil.copytree(root / "runs" / "tiny", root / "runs" / "probe_run")
-    config = read_json(root / "runs" / "probe_run" / "config.json")
-    (root / "runs" / "probe_run" / "config.json").write_text(json.dumps({**config, "family": "probe"}))
-    result = invoke_bundle("probe_run", "--root", root)
+    shutil.copytree(root / "runs" / "tiny", root / "runs" / "rerank_run")
+    config = read_json(root / "runs" / "rerank_run" / "config.json")
+    vlm = {**config["vlm"], "head": "rerank", "base_run": "tiny"}
+    (root / "runs" / "rerank_run" / "config.json").write_text(json.dumps({**config, "family": "vlm", "vlm": vlm}))
+    result = invoke_bundle("rerank_run", "--root", root)
     assert result.exit_code == 2
-    assert "a probe run cannot be bundled yet (timm runs and vlm head runs can)" in result.output
+    assert "a vlm (rerank mode) run cannot be bundled yet (timm, vlm head and probe runs can)" in result.output
     (root / "runs" / "tiny" / "fold1" / "done.json").unlink()
     result = invoke_bundle("tiny", "--root", root)
     assert result.exit_code == 2
@@ -300,14 +313,20 @@ def test_kaggle_dataset_folder(project, tmp_path):
 
 @pytest.fixture(scope="module")
 def ensembles(project) -> Path:
-    """A second run, `blend` (weights of the two runs), `gated` (a fusion model with a params file) and
-    `outer` (weights of `gated` and `tiny`: nested, with `tiny` reached twice)."""
+    """A second run, `blend` (weights of the two runs), `gated` (a fusion model with a params file),
+    `outer` (weights of `gated` and `tiny`: nested, with `tiny` reached twice), a probe run (frozen
+    random test_efficientnet + logistic regression) and `featured` (stacking that also learns from the
+    probe's fold-invariant features)."""
     from kit.ensemble import fit_ensemble
 
     assert train_run(load_config("tiny", overrides=[*TINY, "name=tiny_b", "seed=1", "tta=[none]"]), project).complete
+    probe = ["family=probe", "model=test_efficientnet", "name=probe", "workers=0", "vlm.probe_c=1"]
+    assert train_run(load_config(None, probe), project).complete
     fit_ensemble(project, ["tiny", "tiny_b"], name="blend", method="weights", trials=0)
     fit_ensemble(project, ["tiny", "tiny_b"], name="gated", method="gated", trials=0)
     fit_ensemble(project, ["gated", "tiny"], name="outer", method="weights", trials=0)
+    fit_ensemble(project, ["tiny", "probe"], name="featured", method="stack", trials=0)
+    assert read_json(project / "ensembles" / "featured" / "recipe.json")["features"] == ["probe"]
     return project
 
 
@@ -320,21 +339,25 @@ def test_bundle_csv_equals_kit_submit_for_an_ensemble_of_two_runs(ensembles, tmp
     out = tmp_path / "blend.csv"
     result = run_script(folder / "infer.py", "--images", data_dir(ensembles) / "test", "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "(4 fold-model passes on cpu" in result.stdout
+    assert "(4 model passes over the images on cpu" in result.stdout
     assert_same_submission(out, write_submission(ensembles, "blend").path)
 
 
-@pytest.mark.parametrize("name, passes", [("gated", 4), ("outer", 4)])
-def test_fusion_and_nested_ensembles_equal_kit_submit(name, passes, ensembles, tmp_path, capsys):
+@pytest.mark.parametrize("name, passes", [("gated", 4), ("outer", 4), ("probe", 1), ("featured", 3)])
+def test_fusion_nested_probe_and_featured_ensembles_equal_kit_submit(name, passes, ensembles, tmp_path, capsys):
     # in this process: the subprocess test above covers the embedding; these cover the recipe tree
     result = invoke_bundle(name, "--root", ensembles)
     assert result.exit_code == 0, result.output
     folder = ensembles / "submissions" / f"{name}.bundle"
-    assert (folder / "weights" / "ensembles" / "gated" / "params.safetensors").is_file()
+    files = set(read_json(folder / "manifest.json")["files"])
+    if name in ("gated", "outer"):
+        assert "weights/ensembles/gated/params.safetensors" in files
+    if name in ("probe", "featured"):  # the encoder itself travels: no hub at run time
+        assert {"weights/runs/probe/encoder.safetensors", "weights/runs/probe/fold1/head.safetensors"} <= files
     out = tmp_path / f"{name}.csv"
     argv = ["--images", str(data_dir(ensembles) / "test"), "--out", str(out), "--workers", "0"]
     assert infer_cli.main(argv, bundle_data(folder / "infer.py"), folder) == 0
-    assert f"({passes} fold-model passes" in capsys.readouterr().out  # `tiny` predicted once for `outer`
+    assert f"({passes} model passes" in capsys.readouterr().out  # `tiny` predicted once for `outer`
     assert_same_submission(out, write_submission(ensembles, name).path)
 
 

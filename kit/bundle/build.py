@@ -52,6 +52,7 @@ class Collected:
     members: list[str] = field(default_factory=list)
     base_models: dict[str, str] = field(default_factory=dict)  # VLM run -> the base model it was trained on
     packages: set[str] = field(default_factory=set)  # beyond the extras' own: bitsandbytes for 4-bit VLMs
+    generated: dict[str, dict] = field(default_factory=dict)  # path under weights/ -> tensors made at build time
 
 
 def _fold_dirs(source: Source, folds: Folds) -> list[Path]:
@@ -76,6 +77,7 @@ def _run_node(source: Source, folds: Folds, got: Collected) -> dict:
 
     cfg = run_config(source.path)
     fold_dirs = _fold_dirs(source, folds)
+    extra = {}
     if cfg.family == "timm":
         from kit.config import to_dict
         from kit.infer.timm_predict import timm_spec
@@ -89,9 +91,14 @@ def _run_node(source: Source, folds: Folds, got: Collected) -> dict:
         got.base_models[source.name] = cfg.model
         if cfg.vlm.load_in_4bit:
             got.packages.add("bitsandbytes")
+    elif cfg.family == "probe" or (cfg.family == "vlm" and cfg.vlm.head == "probe"):
+        from kit.bundle.probe import probe_parts
+
+        spec, fold_files, encoder = probe_parts(source, cfg, fold_dirs, folds.test["path"].tolist(), got)
+        extra = {"encoder": encoder}
     else:
         kind = f"{cfg.family} ({cfg.vlm.head} mode)" if cfg.family == "vlm" else cfg.family
-        raise KitError(f"{source.path}: a {kind} run cannot be bundled yet (timm runs and vlm head runs can)")
+        raise KitError(f"{source.path}: a {kind} run cannot be bundled yet (timm, vlm head and probe runs can)")
     got.members.append(source.name)
     scores = source.path / "scores.json"
     cv = read_json(scores)["cv"]["log_loss"] if scores.is_file() else None
@@ -102,16 +109,12 @@ def _run_node(source: Source, folds: Folds, got: Collected) -> dict:
         "cv_log_loss": cv,
         "spec": spec,
         "folds": fold_files,
+        **extra,
     }
 
 
 def _ensemble_node(root: Path, source: Source, folds: Folds, got: Collected, depth: int) -> dict:
     recipe = source.meta
-    if recipe.get("features"):
-        raise KitError(
-            f"{source.path}: fitted with the fold-invariant features of {recipe['features']}; "
-            "bundles cannot compute probe features yet (fit it without probe runs)"
-        )
     members = [_node(root, load_source(root, m, folds), folds, got, depth + 1) for m in recipe["members"]]
     params = None
     if recipe.get("params_file"):
@@ -193,16 +196,17 @@ def package_name(sources: dict[str, str]) -> str:
     return f"_kit_bundle_{digest[:12]}"
 
 
-def _copy_weights(files: dict[str, Path], out: Path) -> dict[str, dict]:
-    entries = {}
-    for rel, src in sorted(files.items()):
+def _copy_weights(got: Collected, out: Path) -> dict[str, dict]:
+    from kit.train.checkpoint import save_weights
+
+    for rel, src in got.weights.items():
         if not src.is_file():
             raise KitError(f"{src}: missing; the run or ensemble is incomplete")
-        dst = out / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-        entries[rel] = describe(dst)
-    return entries
+        (out / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out / rel)
+    for rel, tensors in got.generated.items():
+        save_weights(out / rel, tensors)
+    return {rel: describe(out / rel) for rel in sorted([*got.weights, *got.generated])}
 
 
 def _swap_into_place(staging: Path, final: Path) -> None:
@@ -225,7 +229,7 @@ def write_bundle_files(out: Path, bundle: dict, got: Collected, estimate_lines: 
     """weights/, infer.py, README.txt and manifest.json in `out`; returns infer.py's package name."""
     from kit.bundle.readme import readme_text
 
-    bundle["weights"] = _copy_weights(got.weights, out / "weights")
+    bundle["weights"] = _copy_weights(got, out / "weights")
     sources = embedded_sources(got.needs, "_kit_bundle")
     package = package_name(sources)
     sources = embedded_sources(got.needs, package)

@@ -32,6 +32,7 @@ CORE = [
     "infer/images.py",
     "infer/manifest.py",
     "infer/predict.py",
+    "infer/probe_predict.py",
     "infer/progress.py",
     "infer/submission.py",
     "infer/testset.py",

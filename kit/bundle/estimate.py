@@ -1,10 +1,11 @@
-"""A bundle's run-time estimate: each member's fold model timed on random images at its input size.
+"""A bundle's run-time estimate: each member's model timed on random images at its input size.
 
     lines = estimate(bundle, collected, n_test=8000, device="auto")
     lines[0]   # "about 412 s on cuda for 8000 test images"
 
-seconds = sum over members of test images x TTA views x folds / measured images per second. Image
-decoding is not counted: it runs in worker processes alongside the model.
+seconds = sum over members of test images x TTA views x folds / measured images per second (a probe
+member: one encoder pass). Image decoding is not counted: it runs in worker processes alongside the
+model. VLM members are not measured: their base model is only given at run time.
 """
 
 from __future__ import annotations
@@ -16,13 +17,11 @@ import torch
 BUDGET_S = 1.5  # timing per member, after one warm-up batch
 
 
-def _timm_rate(spec: dict, weights, device: torch.device) -> float:
-    from kit.infer.timm_predict import TimmFold
+def _rate(model: torch.nn.Module, normalize, spec: dict, device: torch.device) -> float:
+    """Images per second through normalisation and one forward, in the member's precision."""
     from kit.train.runtime import autocast
 
-    fold = TimmFold(spec, weights, device)
-    batch = min(spec["batch_size"], 32)
-    size = spec["img_size"]
+    batch, size = min(spec["batch_size"], 32), spec["img_size"]
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     done, start = -1, 0.0
     with torch.no_grad():
@@ -30,11 +29,22 @@ def _timm_rate(spec: dict, weights, device: torch.device) -> float:
             if done == 0:
                 start = time.perf_counter()
             with autocast(device, spec["precision"]):
-                fold.model(fold.normalize(images))
+                model(normalize(images))
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             done += 1
     return done * batch / (time.perf_counter() - start)
+
+
+def _member_rate(node: dict, collected, device: torch.device) -> float:
+    from kit.infer.timm_predict import Normalizer, TimmFold, build_timm_model
+
+    spec = node["spec"]
+    if spec["family"] == "timm":
+        fold = TimmFold(spec, collected.weights[node["folds"][0]["files"]["model"]], device)
+        return _rate(fold.model.eval(), fold.normalize, spec, device)
+    model = build_timm_model({**spec, "num_classes": 0}).to(device).eval()  # a probe's encoder
+    return _rate(model, Normalizer(spec["mean"], spec["std"], False).to(device), spec, device)
 
 
 def _runs(node: dict, seen: dict[str, dict]) -> dict[str, dict]:
@@ -53,17 +63,18 @@ def estimate(bundle: dict, collected, n_test: int, device: str = "auto") -> list
     total, lines, unmeasured = 0.0, [], []
     for key, node in _runs(bundle["root"], {}).items():
         spec = node["spec"]
-        if spec["family"] != "timm":
+        if spec["family"] == "vlm":
             unmeasured.append(key)
             continue
-        rate = _timm_rate(spec, collected.weights[node["folds"][0]["files"]["model"]], dev)
-        views = len(spec["tta"]) * len(node["folds"])
+        rate = _member_rate(node, collected, dev)
+        if spec["family"] == "probe":
+            views, how = 1, "1 encoder pass"
+        else:
+            views = len(spec["tta"]) * len(node["folds"])
+            how = f"{len(spec['tta'])} TTA x {len(node['folds'])} folds"
         seconds = n_test * views / rate
         total += seconds
-        lines.append(
-            f"{key}: {rate:.1f} images/s x {n_test} images x {len(spec['tta'])} TTA x {len(node['folds'])} folds"
-            f" = {seconds:.1f} s"
-        )
+        lines.append(f"{key}: {rate:.1f} images/s x {n_test} images x {how} = {seconds:.1f} s")
     head = f"about {total:.0f} s" if total >= 10 else f"about {total:.1f} s"
     head += f" on {dev.type} for {n_test} test images"
     if unmeasured:

@@ -16,6 +16,8 @@ def _run_line(node: dict) -> str:
     folds = len(node["folds"])
     if spec["family"] == "timm":
         what = f"timm {spec['model']} @ {spec['img_size']} px, TTA {'+'.join(spec['tta'])}"
+    elif spec["family"] == "probe":
+        what = f"probe: frozen timm {spec['model']} @ {spec['img_size']} px + logistic regression"
     else:
         what = f"vlm {spec['base_name']} + LoRA adapter and head ({spec['vlm']['pooling']} pooling), no TTA"
     return f"{node['key']}: {what}, {folds} folds{_score(node)}"

@@ -111,7 +111,7 @@ def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path, bases: di
     seconds = time.perf_counter() - start
     return (
         f"wrote {args.out}: {len(rows.ids)} rows x {len(bundle['classes'])} classes from {bundle['name']} "
-        f"({ctx.passes} fold-model passes on {device}, {seconds:.1f} s)"
+        f"({ctx.passes} model passes over the images on {device}, {seconds:.1f} s)"
     )
 
 

@@ -1,10 +1,11 @@
 """A whole run or ensemble predicted from image files, as `kit submit` would submit it.
 
 A bundle's recipe is a tree: a run node holds its family's prediction spec and one weights entry per
-fold; an ensemble node holds its recipe.json, its params file and its members (runs or ensembles).
-Each fold model predicts every image (TTA averaged in probability space), the folds are averaged in
-probability space (kit.preds.mean_in_prob_space, as kit.train.driver.assemble does), and an ensemble
-applies its recipe to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz):
+fold (a probe run also its frozen encoder, whose features its heads and ensembles share); an ensemble
+node holds its recipe.json, its params file and its members (runs or ensembles). Each fold model
+predicts every image (TTA averaged in probability space), the folds are averaged in probability space
+(kit.preds.mean_in_prob_space, as kit.train.driver.assemble does), and an ensemble applies its recipe
+to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz):
 
     ctx = Context(weights=Path("weights"), device=torch.device("cpu"), workers=4)
     logp = predict_tree(bundle["root"], paths, ctx)
@@ -30,6 +31,7 @@ class Context:
     batch_size: int | None = None  # None: each member's own prediction batch
     base_models: dict[str, str] = field(default_factory=dict)  # VLM member name -> its base model folder
     done: dict[str, np.ndarray] = field(default_factory=dict)  # node key -> logp: a shared member runs once
+    features: dict[str, np.ndarray] = field(default_factory=dict)  # probe run key -> its encoder's features
     passes: int = 0  # fold-model passes over the images so far (progress labels)
     total_passes: int = 0
 
@@ -42,7 +44,7 @@ def count_passes(node: dict, seen: set[str] | None = None) -> int:
     seen.add(node["key"])
     if node["kind"] == "ensemble":
         return sum(count_passes(m, seen) for m in node["members"])
-    return len(node["folds"])
+    return 1 if node["spec"]["family"] == "probe" else len(node["folds"])
 
 
 def predict_tree(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
@@ -57,9 +59,21 @@ def predict_tree(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
     return ctx.done[node["key"]]
 
 
-def _label(node: dict, fold: int, ctx: Context) -> str:
+def _label(node: dict, fold: int | None, ctx: Context) -> str:
     ctx.passes += 1
-    return f"[{ctx.passes}/{ctx.total_passes}] {node['name']} fold {fold}"
+    what = "encoder" if fold is None else f"fold {fold}"
+    return f"[{ctx.passes}/{max(ctx.passes, ctx.total_passes)}] {node['name']} {what}"
+
+
+def probe_features(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
+    """A probe run's frozen-encoder features, computed once: its heads and ensembles share them."""
+    if node["key"] not in ctx.features:
+        from kit.infer.probe_predict import encode
+
+        weights = ctx.weights / node["encoder"]
+        desc = _label(node, None, ctx)
+        ctx.features[node["key"]] = encode(node["spec"], weights, ctx.device, paths, ctx.workers, ctx.batch_size, desc)
+    return ctx.features[node["key"]]
 
 
 def _folds(node: dict, paths: list[str], ctx: Context):
@@ -83,6 +97,14 @@ def _folds(node: dict, paths: list[str], ctx: Context):
             model = VlmFold(node["spec"], base, files, ctx.device)
             yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
             del model
+    elif family == "probe":
+        from safetensors.numpy import load_file
+
+        from kit.infer.probe_predict import apply_head
+
+        x = probe_features(node, paths, ctx)
+        for fold in node["folds"]:
+            yield apply_head(load_file(str(ctx.weights / fold["files"]["head"])), x, node["spec"]["num_classes"])
     else:
         raise KitError(f"{node['name']}: family {family!r} cannot be predicted by this bundle")
 
@@ -96,4 +118,8 @@ def _ensemble(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
         from safetensors.numpy import load_file
 
         params = load_file(str(ctx.weights / node["params"]))
-    return apply_recipe(node["recipe"], members, params)
+    features = None
+    if node["recipe"].get("features"):  # fold-invariant features of probe members, in member order
+        by_name = {member["name"]: member for member in node["members"]}
+        features = np.concatenate([probe_features(by_name[n], paths, ctx) for n in node["recipe"]["features"]], axis=1)
+    return apply_recipe(node["recipe"], members, params, features)

@@ -56,7 +56,7 @@ class Normalizer(torch.nn.Module):
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def _raise_bad_image(extra) -> None:
+def raise_bad_image(extra) -> None:
     """Loaders of ImageFiles yield each image's error ("" when fine) where training loaders yield labels."""
     if isinstance(extra, list | tuple):
         bad = [e for e in extra if e]
@@ -78,7 +78,7 @@ def predict_logp(
     model.eval()
     out = []
     for images, extra in progress(loader, desc):
-        _raise_bad_image(extra)
+        raise_bad_image(extra)
         x = normalize(images.to(device, non_blocking=True))
         probs = 0
         for name in tta:

@@ -1,0 +1,75 @@
+"""Probe members of a bundle (a frozen timm encoder + a logistic-regression head per fold).
+
+The encoder is rebuilt from the run's config as kit.probe.encoders builds it (pretrained weights from
+the hub cache, a file or a package; the run's seed for a random one) and stored as safetensors, so the
+bundle needs no hub. Before it is stored it must reproduce the run's saved test features, else the
+bundle would predict something the run never did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.config import TrainConfig
+from kit.errors import KitError
+from kit.preds import Source
+
+CHECKED_ROWS = 4
+
+
+def probe_spec(cfg: TrainConfig) -> dict:
+    return {
+        "family": "probe",
+        "model": cfg.model,
+        "num_classes": cfg.num_classes,  # the heads'; the encoder is built with none
+        "drop_rate": cfg.drop_rate,
+        "drop_path_rate": cfg.drop_path_rate,
+        "img_size": cfg.img_size,
+        "mean": list(cfg.mean),
+        "std": list(cfg.std),
+        "precision": cfg.precision,
+        "batch_size": cfg.predict_batch_size or 2 * cfg.batch_size,
+    }
+
+
+def rebuilt_encoder(cfg: TrainConfig) -> torch.nn.Module:
+    from kit.train.runtime import seed_everything
+    from kit.train.timm_model import build_model
+
+    seed_everything(cfg.seed)  # as kit.probe.encoders.build_encoder: a random encoder is the run's one
+    return build_model(cfg, num_classes=0).eval()
+
+
+def check_reproduces(encoder: torch.nn.Module, spec: dict, source: Source, test_paths: list[str]) -> None:
+    from kit.infer.probe_predict import encode_with
+
+    with np.load(source.path / "test_features.npz", allow_pickle=False) as npz:
+        saved = npz["features"][:CHECKED_ROWS]
+    got = encode_with(encoder, spec, torch.device("cpu"), test_paths[:CHECKED_ROWS], desc="checking the encoder")
+    if got.shape != saved.shape or not np.allclose(got, saved, rtol=1e-4, atol=1e-4):
+        raise KitError(
+            f"{source.path}: the encoder rebuilt from config.json does not reproduce the run's saved test "
+            "features (other pretrained weights than at training time?)"
+        )
+
+
+def probe_parts(source: Source, cfg: TrainConfig, fold_dirs: list[Path], test_paths: list[str], got) -> tuple:
+    """(spec, per-fold files, encoder file) of a timm-encoder probe run; its tensors go to got.generated."""
+    from kit.probe.encoders import is_vlm
+
+    if is_vlm(cfg):
+        raise KitError(f"{source.path}: a probe on a VLM encoder cannot be bundled yet (timm-encoder probes can)")
+    spec = probe_spec(cfg)
+    encoder = rebuilt_encoder(cfg)
+    check_reproduces(encoder, spec, source, test_paths)
+    rel = f"runs/{source.name}/encoder.safetensors"
+    got.generated[rel] = encoder.state_dict()
+    folds = []
+    for k, fold_dir in enumerate(fold_dirs):
+        head = f"runs/{source.name}/fold{k}/head.safetensors"
+        got.weights[head] = fold_dir / "head.safetensors"
+        folds.append({"fold": k, "files": {"head": head}})
+    return spec, folds, rel
