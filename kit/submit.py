@@ -10,8 +10,6 @@ classes declared identical given equal shares of their group's probability.
 from __future__ import annotations
 
 import csv
-import io
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +18,8 @@ import numpy as np
 from kit.data import read_sample_submission
 from kit.errors import KitError
 from kit.folds import load_folds
+from kit.infer.submission import format_csv, submission_probs  # one copy, shared with the bundle
 from kit.io import write_bytes
-from kit.metrics import normalise
 from kit.preds import load_source
 
 SUBMISSIONS_DIR = "submissions"
@@ -35,23 +33,6 @@ class SubmissionSummary:
     columns: int
 
 
-def spread_groups(probs: np.ndarray, groups: Sequence[Sequence[int]]) -> np.ndarray:
-    """Give each class of an equivalence group an equal share of the group's total probability."""
-    probs = np.array(probs, dtype=np.float64)
-    for group in groups:
-        cols = list(group)
-        probs[:, cols] = probs[:, cols].sum(axis=1, keepdims=True) / len(cols)
-    return probs
-
-
-def format_csv(header: Sequence[str], ids: Sequence[str], probs: np.ndarray, bom: bool = False) -> bytes:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([test_id, *(f"{v:.10g}" for v in row)] for test_id, row in zip(ids, probs.tolist(), strict=True))
-    return (b"\xef\xbb\xbf" if bom else b"") + buffer.getvalue().encode("utf-8")
-
-
 def write_submission(root: Path, name: str, out: Path | None = None) -> SubmissionSummary:
     folds = load_folds(root)
     test = load_source(root, name, folds).test
@@ -60,7 +41,7 @@ def write_submission(root: Path, name: str, out: Path | None = None) -> Submissi
         raise KitError(f"{name}: test.npz ids are not folds/test.csv's (rows {len(test.ids)} vs {len(expected)})")
     if test.logp.shape[1] != len(folds.classes):
         raise KitError(f"{name}: test.npz has {test.logp.shape[1]} classes, folds have {len(folds.classes)}")
-    probs = normalise(spread_groups(normalise(test.probs), folds.merge_groups))
+    probs = submission_probs(test.logp, folds.merge_groups)
     header = [folds.meta["id_column"], *folds.classes]
     out = out or Path(root) / SUBMISSIONS_DIR / f"{name}.csv"
     write_bytes(out, format_csv(header, expected, probs, folds.meta.get("sample_bom", False)))

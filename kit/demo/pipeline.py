@@ -26,7 +26,6 @@ class Member:
     note: str
     preset: str | None
     overrides: list[str]
-    in_ensemble: bool = True
 
 
 @dataclass
@@ -61,13 +60,11 @@ def members(quick: bool, tiny_vlm: Path) -> list[Member]:
                 "label_smoothing=0.05",
             ],
         ),
-        # Kept out of the ensemble until bundles can compute probe features (kit.infer has no probe yet).
         Member(
             "probe_lite0",
-            "frozen EfficientNet-Lite0 + logistic regression: the baseline (not ensembled)",
+            "frozen EfficientNet-Lite0 + logistic regression: the baseline",
             None,
             ["family=probe", "model=efficientnet_lite0", "pretrained=package:efficientnet_lite0", f"img_size={size}"],
-            in_ensemble=False,
         ),
         Member(
             "tiny_vlm",
@@ -113,7 +110,6 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
             build_tiny_qwen2_5_vl(tiny_vlm)
     with _stage(report, "folds", log):
         make_folds(data.data_dir, root, k=5, seed=42)
-    ensembled = []
     for member in members(quick, tiny_vlm):
         with _stage(report, f"train {member.name}", log):
             cfg = load_config(member.preset, [*member.overrides, f"name={member.name}"])
@@ -126,9 +122,7 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
                 "note": member.note,
             }
         )
-        if member.in_ensemble:
-            ensembled.append(member.name)
-    names = ensembled
+    names = [row["model"] for row in report.rows]
     with _stage(report, "ensemble", log):
         ens = fit_ensemble(root, names, "demo", method="auto", trials=20 if quick else 100)
     report.rows.append(
