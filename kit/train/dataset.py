@@ -104,7 +104,8 @@ def make_loader(
     seed: int = 0,
     drop_last: bool = False,
 ) -> DataLoader:
-    """Pinned, persistent, prefetching workers; a seeded generator so the shuffle is reproducible."""
+    """Pinned, prefetching workers, rebuilt each epoch (not persistent) so that the seeded shuffle and the
+    workers' augmentation seeds follow from (seed, fold, epoch) and a resumed run replays them exactly."""
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(
         dataset,
