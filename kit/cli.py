@@ -14,14 +14,7 @@ import click
 from kit.bundle.command import bundle as bundle_command
 from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
-
-ROOT = click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Project folder holding folds/, runs/, ensembles/, submissions/.",
-)
+from kit.options import ROOT
 
 
 class KitGroup(click.Group):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import click
 
+from kit.options import ROOT
+
 
 @click.command("bundle")
 @click.argument("name")
@@ -26,13 +28,7 @@ import click
     show_default=True,
     help="Device the run-time estimate in README.txt is measured on.",
 )
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Project folder holding folds/, runs/, ensembles/, submissions/.",
-)
+@ROOT
 def bundle(name: str, fmt: str, device: str, root: Path) -> None:
     """Write submissions/NAME.bundle/: infer.py, weights/, manifest.json, README.txt.
 

@@ -5,9 +5,9 @@ Register with `main.add_command(command.ensemble)`; only click and pathlib load 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
+
+from kit.options import ROOT
 
 
 @click.command("ensemble")
@@ -25,13 +25,7 @@ import click
 @click.option("--storage", help="Optuna RDB URL (e.g. sqlite:///optuna.db) so several processes share the studies.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--space", type=click.Choice(["prob", "log"]), default="prob", show_default=True, help="Blend space.")
-@click.option(
-    "--root",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Project folder holding folds/, runs/, ensembles/.",
-)
+@ROOT
 def ensemble(runs, name, method, trials, timeout, storage, seed, space, root) -> None:
     """Combine runs on their OOF predictions, scored honestly.
 

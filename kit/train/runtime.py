@@ -5,11 +5,15 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from kit.errors import KitError
+
+if TYPE_CHECKING:  # runtime.py is embedded in bundles, which carry no kit.config
+    from kit.config import TrainConfig
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,3 +58,11 @@ def default_workers(requested: int) -> int:
     if requested >= 0:
         return requested
     return min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def start_fold(cfg: TrainConfig, fold: int) -> torch.device:
+    """What every family does before building a fold's model: pick the device, set the determinism
+    mode, and seed from (seed, fold) so the fresh head/adapter is part of the fold's recipe."""
+    set_deterministic(cfg.deterministic)
+    seed_everything(epoch_seed(cfg.seed, fold, -1))
+    return resolve_device(cfg.device)

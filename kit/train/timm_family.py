@@ -13,7 +13,7 @@ from kit.infer.timm_predict import TimmFold, timm_spec
 from kit.train.augment import eval_pipeline, train_pipeline
 from kit.train.dataset import ImageDataset, image_cache, make_loader
 from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, evaluate, predict_logp
-from kit.train.runtime import default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
+from kit.train.runtime import default_workers, epoch_seed, resolve_device, seed_everything, start_fold
 from kit.train.timm_model import build_model, data_config
 
 CACHE_DIR = Path(".cache") / "images"
@@ -53,9 +53,7 @@ def fit_fold(
     root: Path,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> None:
-    device = resolve_device(cfg.device)
-    set_deterministic(cfg.deterministic)
-    seed_everything(epoch_seed(cfg.seed, fold, -1))  # the initial head is part of the fold's recipe
+    device = start_fold(cfg, fold)
     model = build_model(cfg, cfg.num_classes)
     table = folds.train
     cache = _cached(cfg, table["path"].tolist(), root)

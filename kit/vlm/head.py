@@ -18,7 +18,7 @@ from kit.config import TrainConfig
 from kit.folds import Folds
 from kit.train.checkpoint import load_weights, save_weights
 from kit.train.loop import evaluate
-from kit.train.runtime import autocast, default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
+from kit.train.runtime import autocast, default_workers, resolve_device, start_fold
 from kit.vlm.features import VisionCache, encoded_batches
 from kit.vlm.inputs import Prompter, pad_right
 from kit.vlm.model import ClassifierHead, EncodedImage, VisionLanguage, load_vlm, save_adapter, upload
@@ -84,9 +84,7 @@ def fit_fold(
     root: Path,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> None:
-    device = resolve_device(cfg.device)
-    set_deterministic(cfg.deterministic)
-    seed_everything(epoch_seed(cfg.seed, fold, -1))  # the fresh adapter and head are part of the recipe
+    device = start_fold(cfg, fold)
     prompter, vl, head = build(cfg, device)
     paths = np.array(folds.train["path"].tolist(), dtype=object)
     labels = torch.tensor(np.asarray(folds.labels, dtype=np.int64))

@@ -25,7 +25,7 @@ from kit.errors import KitError
 from kit.folds import Folds, load_folds
 from kit.preds import load_source, to_logp
 from kit.train.loop import evaluate
-from kit.train.runtime import autocast, default_workers, epoch_seed, resolve_device, seed_everything, set_deterministic
+from kit.train.runtime import autocast, default_workers, resolve_device, start_fold
 from kit.vlm.features import VisionCache, encoded_batches
 from kit.vlm.inputs import Prompter
 from kit.vlm.model import VisionLanguage, load_vlm, save_adapter
@@ -135,9 +135,7 @@ def fit_fold(
     root: Path,
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> None:
-    device = resolve_device(cfg.device)
-    set_deterministic(cfg.deterministic)
-    seed_everything(epoch_seed(cfg.seed, fold, -1))
+    device = start_fold(cfg, fold)
     base = load_base_run(cfg, folds)
     prompter = Prompter.load(cfg)
     vl = load_vlm(cfg, device, lm_head=True)
