@@ -18,7 +18,8 @@ from kit.options import ROOT
 
 
 class KitGroup(click.Group):
-    """Turns a KitError anywhere below into one line on stderr and exit code 2."""
+    """Turns a KitError anywhere below into one line on stderr and exit code 2, and Ctrl-C (SIGINT) into
+    one line and exit code 130: every artifact is written atomically, so what is on disk is whole."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -26,6 +27,14 @@ class KitGroup(click.Group):
         except KitError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except KeyboardInterrupt:
+            click.echo(err=True)  # end the progress bar's line
+            click.echo(
+                "interrupted: every file written so far is complete; run the same command again to go on "
+                "(kit train resumes from the last finished epoch)",
+                err=True,
+            )
+            sys.exit(130)
 
 
 @click.group(cls=KitGroup, context_settings={"help_option_names": ["-h", "--help"]})
