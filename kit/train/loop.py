@@ -210,9 +210,10 @@ class FoldTrainer:
                 {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)},
             )
         self.epoch += 1
-        write_text(fold_dir / "history.csv", self.history.csv())
         parts, meta = self.state()
         save_training_state(fold_dir / CHECKPOINT, parts, meta)
+        # after the checkpoint: an epoch history.csv shows is never lost to a kill
+        write_text(fold_dir / "history.csv", self.history.csv())
         return self.stopped
 
     @property
