@@ -480,10 +480,18 @@ def run_kit(arch: str, mode: str, model_dir: Path, paths: list[str], args, resul
         best = max(fitted, key=fitted.get)
         results.add(**base, phase="best-train", batch=best, images_per_s=fitted[best], note=f"tried {sorted(rates)}")
 
-    trainer.optimizer.zero_grad(set_to_none=True)
+    # Inference as kit's predictors run it: the fold's saved adapter and head loaded for inference
+    # (LoRA merged into the weights unless 4-bit), the training model freed first.
+    fold_dir = args.work / "run" / "fold0"
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    head_mode.save(vl, head, fold_dir)
+    del trainer, vl, head, loss_fn
+    free_memory()
+    prompter, vl, head = head_mode.build(cfg, device, fold_dir, trainable=False)
     ib = args.infer_batch
     rows = np.arange((args.warmup + args.steps) * ib) % len(paths)
     try:
+        reset_peak(device)
         clock = Clock(device, args.warmup)
         source = encoded_batches(vl, prompter, [paths[r] for r in rows], rows, ib, workers)  # no cache, as predict
         head_mode.predict_batches(cfg, prompter, vl, head, clock.wrap(source, lambda b: len(b[0])), device)

@@ -159,3 +159,22 @@ def test_split_forward_matches_the_plain_transformers_forward(model, tiny_qwen, 
         expected = vl.core(**plain).last_hidden_state
         got = vl.hidden(ids, mask, encoded)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_aligned_vision_mlp_gives_the_same_image_features(tiny_qwen, vlm_root):
+    """Zero-padding the tower's MLP inner size (3420 -> 3456 in the real 3B/7B models) changes no feature."""
+    from kit.vlm.inputs import Prompter
+    from kit.vlm.model import align_vision_mlp, load_vlm
+
+    cfg = tiny_config(tiny_qwen)
+    paths = load_folds(vlm_root).train["path"].tolist()[:2]
+    vl = load_vlm(cfg, CPU, lm_head=False, trainable=False)
+    prompter = Prompter.load(cfg)
+    before = next(encoded_batches(vl, prompter, paths, np.arange(2), 2, 0))[1]
+    mlps = [m for m in vl.core.visual.modules() if hasattr(m, "gate_proj")]
+    inner = mlps[0].gate_proj.out_features
+    assert align_vision_mlp(vl.model, multiple=128, min_inner=1) == len(mlps) > 0
+    assert all(m.gate_proj.out_features == m.down_proj.in_features == -(-inner // 128) * 128 for m in mlps)
+    after = next(encoded_batches(vl, prompter, paths, np.arange(2), 2, 0))[1]
+    for a, b in zip(before, after, strict=True):
+        torch.testing.assert_close(b.features, a.features, atol=1e-6, rtol=1e-6)

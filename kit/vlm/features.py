@@ -58,7 +58,10 @@ def encoded_batches(
             batch_rows = keys[start : start + batch_size]
             yield batch_rows, [cache.get(row) for row in batch_rows]
         return
-    for batch_rows, pixels, todo in image_loader(prompter, paths, rows, batch_size, workers, skip):
+    loader = image_loader(
+        prompter, paths, rows, batch_size, workers, skip, vl.vision_dtype, pin_memory=vl.device.type == "cuda"
+    )
+    for batch_rows, pixels, todo in loader:
         fresh = vl.encode_images(pixels) if pixels is not None else []
         images: list[EncodedImage | None] = [None] * len(batch_rows)
         for i, image in zip(todo, fresh, strict=True):

@@ -94,10 +94,21 @@ class Prompter:
 
 
 class PixelDataset(Dataset):
-    """Row i -> (row id, processor pixels); rows in `skip` (already cached) yield no pixels."""
+    """Row i -> (row id, processor pixels); rows in `skip` (already cached) yield no pixels.
 
-    def __init__(self, prompter: Prompter, paths: list[str], rows: np.ndarray, skip: set[int] | None = None):
+    Pixels are cast to `dtype` in the worker: the vision tower casts them to its own dtype first thing,
+    so casting earlier is the same arithmetic and halves what a bf16 tower's batch sends to the device."""
+
+    def __init__(
+        self,
+        prompter: Prompter,
+        paths: list[str],
+        rows: np.ndarray,
+        skip: set[int] | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
         self.prompter, self.paths, self.rows, self.skip = prompter, list(paths), np.asarray(rows), skip or set()
+        self.dtype = dtype
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -111,7 +122,9 @@ class PixelDataset(Dataset):
             image = load_image(path)
         except (OSError, ValueError) as e:
             raise KitError(f"{path}: cannot decode image ({e})") from None
-        return row, self.prompter.pixels(image)
+        pixels = self.prompter.pixels(image)
+        pixels["pixel_values"] = pixels["pixel_values"].to(self.dtype)
+        return row, pixels
 
 
 def collate_pixels(items: list) -> tuple[list[int], dict[str, torch.Tensor] | None, list[int]]:
@@ -132,15 +145,19 @@ def image_loader(
     batch_size: int,
     workers: int,
     skip: set[int] | None = None,
+    dtype: torch.dtype = torch.float32,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """Batches in the given row order; decoding and patching run in `workers` processes."""
+    """Batches in the given row order; decoding and patching run in `workers` processes; `pin_memory`
+    (for a CUDA tower) lets each batch travel to the device asynchronously."""
     return DataLoader(
-        PixelDataset(prompter, paths, rows, skip),
+        PixelDataset(prompter, paths, rows, skip, dtype),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,
         collate_fn=collate_pixels,
         persistent_workers=False,
+        pin_memory=pin_memory,
     )
 
 
