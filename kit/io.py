@@ -5,20 +5,31 @@ never sees half a file and a failed write leaves the previous version intact:
 
     with atomic_path(out / "oof.npz") as tmp:
         np.savez(tmp, ...)
+
+A full disk (or quota, or file-size limit) while writing is one KitError line naming the file. A process
+killed mid-write leaves its temporary behind; `temporaries(folder)` finds them for the next owner.
+A folder of artifacts is built beside its target and swapped in whole with `replace_dir`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from kit.errors import KitError
+
+# a write that fails for want of room: the user can act on it, so it is one line, not a traceback
+DISK_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @contextlib.contextmanager
@@ -33,12 +44,35 @@ def atomic_path(path: Path) -> Iterator[Path]:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files; artifacts get the usual permissions
     try:
-        yield tmp
-        with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
-            os.fsync(f.fileno())
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:  # flush to disk before the rename makes it visible
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise KitError(f"{path}: cannot write ({os.strerror(e.errno)}); the previous file is kept") from None
+            raise
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporaries(folder: Path) -> list[Path]:
+    """atomic_path's temporary files under `folder`: left there only by a process killed mid-write."""
+    return sorted(p for p in Path(folder).rglob(".*.tmp") if p.is_file())
+
+
+def replace_dir(staging: Path, final: Path) -> None:
+    """Swap a fully written folder into place: a reader finds the old folder or the new one (or, for the
+    instant between two renames, none), never a mix of both."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".{final.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,13 @@ def _cpu(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, str] | None) -> None:
     # safetensors (0.8) replaces the file by a fresh 0600 one; restore the mode atomic_path gave it
     mode = tmp.stat().st_mode & 0o777
-    save_file(_cpu(tensors), str(tmp), metadata=metadata)
+    try:
+        save_file(_cpu(tensors), str(tmp), metadata=metadata)
+    except Exception as e:  # SafetensorError wraps the OS error in its message: hand atomic_path the OSError
+        found = re.search(r"os error (\d+)", str(e))
+        if found is None:
+            raise
+        raise OSError(int(found.group(1)), os.strerror(int(found.group(1)))) from e
     os.chmod(tmp, mode)
 
 
