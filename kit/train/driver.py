@@ -21,7 +21,7 @@ from kit import __version__
 from kit.config import RUN_RECORD_KEYS, TrainConfig, config_changes, to_dict
 from kit.errors import KitError
 from kit.folds import Folds, load_folds
-from kit.io import read_json, write_json
+from kit.io import read_json, temporaries, write_json
 from kit.metrics import score
 from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_space, save_predictions
 from kit.train.families import get_family
@@ -84,6 +84,8 @@ def train_run(
     run_dir = root / RUNS_DIR / cfg.name
     with RunLock(run_dir):
         _write_config(run_dir, cfg, folds)
+        for stale in temporaries(run_dir):  # half-written files of a killed holder of the lock
+            stale.unlink()
         for fold in only_folds or range(folds.k):
             fold_dir = run_dir / f"fold{fold}"
             if not (fold_dir / "done.json").is_file():
