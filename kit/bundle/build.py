@@ -24,7 +24,7 @@ from kit.bundle.script import render_script
 from kit.errors import KitError
 from kit.folds import Folds, load_folds
 from kit.infer.manifest import describe
-from kit.io import read_json, write_json, write_text
+from kit.io import read_json, replace_dir, write_json, write_text
 from kit.preds import Source, load_source
 from kit.submit import SUBMISSIONS_DIR
 
@@ -209,16 +209,6 @@ def _copy_weights(got: Collected, out: Path) -> dict[str, dict]:
     return {rel: describe(out / rel) for rel in sorted([*got.weights, *got.generated])}
 
 
-def _swap_into_place(staging: Path, final: Path) -> None:
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(staging, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _summary_lines(bundle: dict) -> str:
     from kit.bundle.readme import member_lines
 
@@ -274,7 +264,7 @@ def build_bundle(root: Path, name: str, fmt: str = "none", device: str = "auto")
 
             extras = write_format(fmt, staging, bundle, got, final)
         os.chmod(staging, 0o777 & ~_umask())
-        _swap_into_place(staging, final)
+        replace_dir(staging, final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     files = [p for p in final.rglob("*") if p.is_file()]

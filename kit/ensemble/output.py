@@ -1,4 +1,4 @@
-"""Write ensembles/<name>/: recipe.json, params.safetensors, oof.npz, test.npz, report.png (all atomic).
+"""Write ensembles/<name>/: recipe.json, params.safetensors, oof.npz, test.npz, report.png (atomic as a folder).
 
 recipe.json is self-describing: the members, the method and its fitted numbers, the parameters file,
 every score (cross-fitted and in-sample, per member and for the ensemble), the folds sha256 and classes.
@@ -6,7 +6,9 @@ every score (cross-fitted and in-sample, per member and for the ensemble), the f
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +18,7 @@ from kit.ensemble.crossfit import CrossFit
 from kit.ensemble.members import Members
 from kit.ensemble.methods import Settings
 from kit.ensemble.scores import reliability
-from kit.io import write_bytes, write_json
+from kit.io import replace_dir, write_bytes, write_json
 from kit.preds import Predictions, save_predictions
 
 PARAMS_FILE = "params.safetensors"
@@ -85,17 +87,21 @@ def write_params(path: Path, params: dict[str, np.ndarray], method: str) -> None
 
 
 def write_ensemble(summary, best: CrossFit, results, members: Members, curves: dict, settings: Settings) -> None:
+    """Write the folder beside its target and swap it in whole: a failure or a kill half-way leaves the
+    previous ensemble of that name as it was, never its recipe beside another fit's parameters."""
     from kit.ensemble.report import write_report
 
-    out = Path(summary.path)
-    out.mkdir(parents=True, exist_ok=True)
-    if best.final.params:
-        write_params(out / PARAMS_FILE, best.final.params, best.method)
-    else:
-        (out / PARAMS_FILE).unlink(missing_ok=True)  # a previous method's parameters would mislead
-    save_predictions(out / "oof.npz", Predictions(members.train_ids, best.oof, members.fold))
-    save_predictions(out / "test.npz", Predictions(members.test_ids, best.test))
-    curves = {**curves, f"ensemble {best.method} (cross-fitted)": reliability(members.labels, best.oof)}
-    write_report(out / "report.png", summary, curves, best.recipe.get("member_weights", []))
-    # recipe.json last: its presence marks a complete ensemble
-    write_json(out / "recipe.json", build_recipe(summary, best, results, members, settings))
+    final = Path(summary.path)
+    out = final.with_name(f".{final.name}.staging-{os.getpid()}")
+    shutil.rmtree(out, ignore_errors=True)
+    try:
+        if best.final.params:
+            write_params(out / PARAMS_FILE, best.final.params, best.method)
+        save_predictions(out / "oof.npz", Predictions(members.train_ids, best.oof, members.fold))
+        save_predictions(out / "test.npz", Predictions(members.test_ids, best.test))
+        curves = {**curves, f"ensemble {best.method} (cross-fitted)": reliability(members.labels, best.oof)}
+        write_report(out / "report.png", summary, curves, best.recipe.get("member_weights", []))
+        write_json(out / "recipe.json", build_recipe(summary, best, results, members, settings))
+        replace_dir(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
