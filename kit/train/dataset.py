@@ -10,8 +10,11 @@ decode a JPEG again:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import os
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -74,25 +77,49 @@ def _fill(args: tuple[str, int, int, list[str], int]) -> int:
     return len(paths)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path) -> Iterator[None]:
+    """A blocking flock, freed by the kernel when its holder dies."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def image_cache(paths: list[str], size: int, cache_dir: Path, workers: int = 1) -> np.ndarray:
-    """Memory-mapped [N, size, size, 3] uint8 array of the images; built (in parallel) on first use."""
+    """Memory-mapped [N, size, size, 3] uint8 array of the images; built (in parallel) on first use.
+
+    One process builds a cache file while others wanting it wait (runs and folds share caches); a
+    builder killed half-way leaves a temporary as large as the cache, removed by the next builder.
+    """
     file = Path(cache_dir) / f"{_cache_key(paths, size)}_{len(paths)}x{size}.u8"
     shape = (len(paths), size, size, 3)
     if not file.is_file():
-        with atomic_path(file) as tmp:
-            np.memmap(tmp, dtype=np.uint8, mode="w+", shape=shape).flush()
-            chunk = 64
-            jobs = [(str(tmp), len(paths), size, paths[s : s + chunk], s) for s in range(0, len(paths), chunk)]
-            bar = tqdm(total=len(paths), desc=f"caching images at {size}px", unit="img", leave=False)
-            if workers > 1 and len(jobs) > 1:
-                with ProcessPoolExecutor(workers) as pool:
-                    for done in pool.map(_fill, jobs):
-                        bar.update(done)
-            else:
-                for job in jobs:
-                    bar.update(_fill(job))
-            bar.close()
+        with _exclusive(file.with_name(f"{file.name}.lock")):
+            if not file.is_file():  # built by another process while this one waited
+                for stale in file.parent.glob(f".{file.name}.*.tmp"):
+                    stale.unlink()
+                _build(file, paths, size, workers)
     return np.memmap(file, dtype=np.uint8, mode="r", shape=shape)
+
+
+def _build(file: Path, paths: list[str], size: int, workers: int) -> None:
+    with atomic_path(file) as tmp:
+        np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3)).flush()
+        chunk = 64
+        jobs = [(str(tmp), len(paths), size, paths[s : s + chunk], s) for s in range(0, len(paths), chunk)]
+        bar = tqdm(total=len(paths), desc=f"caching images at {size}px", unit="img", leave=False)
+        if workers > 1 and len(jobs) > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for done in pool.map(_fill, jobs):
+                    bar.update(done)
+        else:
+            for job in jobs:
+                bar.update(_fill(job))
+        bar.close()
 
 
 def make_loader(
