@@ -100,17 +100,6 @@ def test_temperature_scaling_lowers_the_log_loss_of_an_overconfident_member(tmp_
     assert over.scaled_cv["accuracy"] == pytest.approx(over.oof["accuracy"])
 
 
-def test_members_with_different_folds_are_refused(tmp_path: Path):
-    root = write_synthetic_project(tmp_path / "a", DEFAULT_MEMBERS[:2], 100, 10, 5, seed=0)
-    other = write_synthetic_project(tmp_path / "b", DEFAULT_MEMBERS[:1], 100, 10, 5, seed=9)
-    foreign = root / "runs" / "foreign"
-    for f in ("config.json", "oof.npz", "test.npz"):
-        (foreign / f).parent.mkdir(parents=True, exist_ok=True)
-        (foreign / f).write_bytes((other / "runs" / DEFAULT_MEMBERS[0].name / f).read_bytes())
-    with pytest.raises(KitError, match=r"runs/foreign: made from other folds"):
-        fit_ensemble(root, [NAMES[0], "foreign"], "x", method="weights", trials=0)
-
-
 def test_members_with_other_classes_or_fold_columns_are_refused(tmp_path: Path):
     root = write_synthetic_project(tmp_path, DEFAULT_MEMBERS[:2], 100, 10, 5, seed=0)
     run = root / "runs" / NAMES[1]

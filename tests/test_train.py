@@ -1,17 +1,15 @@
-"""The timm family end to end on CPU: the runs/<run>/ contract, honest OOF, resume, locks, pretrained
-weights, the image cache and the `kit train` / `kit predict` / `kit presets` commands.
+"""The timm family end to end on CPU: the runs/<run>/ contract, honest OOF, resume, pretrained weights,
+the image cache and the `kit train` / `kit predict` / `kit presets` commands.
 
 One deterministic 2-fold run of the `tiny` preset (timm's test_efficientnet at 32 px) is shared by
-most tests; the resume tests train the same recipe again, interrupted, in other roots.
+most tests; the resume tests train the same recipe again, interrupted, in other roots. Real SIGINT and
+SIGKILL, the lock and a changed config: tests/test_reliability.py.
 """
 
 from __future__ import annotations
 
 import csv
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -35,7 +33,6 @@ from kit.preds import load_predictions
 from kit.train.augment import eval_pipeline
 from kit.train.dataset import image_cache
 from kit.train.driver import run_config, train_run
-from kit.train.lock import RunLock
 from kit.train.timm_family import CACHE_DIR, load_predictor
 from kit.train.timm_model import _efficientnet_lite0_package, build_model
 
@@ -323,45 +320,6 @@ def test_finished_folds_are_skipped_on_rerun(trained):
     assert summary.complete
     assert [(p.stat().st_mtime_ns, p.read_bytes()) for p in done + weights] == before
     np.testing.assert_array_equal(load_predictions(trained.run_dir / "oof.npz").logp, oof_before)
-
-
-def test_a_changed_config_is_refused_naming_config_json(trained):
-    config = trained.run_dir / "config.json"
-    before = config.read_bytes()
-    with pytest.raises(KitError) as e:
-        train_run(load_config("tiny", overrides=[*RECIPE[:1], "epochs=3", "workers=0"]), trained.root)
-    assert str(config) in str(e.value)
-    assert "epochs: 2 -> 3" in str(e.value)
-    assert config.read_bytes() == before
-
-
-def test_a_second_trainer_is_refused_and_the_lock_frees_on_exit(trained):
-    cfg = load_config("tiny", overrides=RECIPE)
-    with RunLock(trained.run_dir), pytest.raises(KitError, match=f"already being trained by pid {os.getpid()}"):
-        train_run(cfg, trained.root)
-    assert train_run(cfg, trained.root).complete  # free again once the holder left its block
-
-    holder = subprocess.Popen(
-        [sys.executable, "-c", HOLD_LOCK, str(trained.run_dir)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(KitError, match=f"already being trained by pid {holder.pid}"):
-            train_run(cfg, trained.root)
-    finally:
-        holder.kill()  # a killed trainer: the kernel drops its flock
-        holder.wait()
-    with RunLock(trained.run_dir):
-        pass
-
-
-HOLD_LOCK = """
-import sys, time
-from kit.train.lock import RunLock
-RunLock(sys.argv[1]).__enter__()
-print("locked", flush=True)
-time.sleep(60)
-"""
 
 
 # --- pretrained weights --------------------------------------------------------------------------------
