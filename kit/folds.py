@@ -24,7 +24,7 @@ from kit.data import Competition, LayoutOptions, check_classes, read_competition
 from kit.dedup import find_near_duplicates, group_ids
 from kit.errors import KitError
 from kit.images import ImageInfo, inspect_image
-from kit.io import read_json, sha256_file, write_json, write_text
+from kit.io import read_json, sha256_file, staged_dir, write_json, write_text
 
 FOLDS_DIR = "folds"
 
@@ -195,36 +195,37 @@ def _write_folds(
     summary: FoldsSummary,
     cross_label_pairs: int,
 ) -> FoldsSummary:
-    out = Path(root) / FOLDS_DIR
-    train_csv = train[["id", "path", "label", "fold", "group"]].to_csv(index=False, lineterminator="\n")
-    write_text(out / "train.csv", train_csv)
-    write_text(out / "test.csv", comp.test[["id", "path"]].to_csv(index=False, lineterminator="\n"))
-    summary.sha256 = sha256_file(out / "train.csv")
-    write_json(
-        out / "classes.json",
-        {
-            "classes": comp.classes,
-            "merge_groups": merge_names,
-            "k": k,
-            "seed": seed,
-            "train_sha256": summary.sha256,
-            "data_dir": str(comp.data_dir),
-            "layout": comp.layout,
-            "sample_submission": str(comp.sample.path),
-            "id_column": comp.sample.id_column,
-            "sample_bom": comp.sample.bom,
-            "n_train": summary.n_train,
-            "n_test": summary.n_test,
-            "near_duplicates": {
-                **dedup_settings,
-                "groups": summary.n_groups,
-                "pairs_within_train": summary.duplicate_pairs_train,
-                "pairs_across_labels": cross_label_pairs,
-                "pairs_train_test": summary.duplicate_pairs_train_test,
+    # swapped in together: never a new train.csv beside an old classes.json (and its sha256)
+    with staged_dir(Path(root) / FOLDS_DIR) as out:
+        train_csv = train[["id", "path", "label", "fold", "group"]].to_csv(index=False, lineterminator="\n")
+        write_text(out / "train.csv", train_csv)
+        write_text(out / "test.csv", comp.test[["id", "path"]].to_csv(index=False, lineterminator="\n"))
+        summary.sha256 = sha256_file(out / "train.csv")
+        write_json(
+            out / "classes.json",
+            {
+                "classes": comp.classes,
+                "merge_groups": merge_names,
+                "k": k,
+                "seed": seed,
+                "train_sha256": summary.sha256,
+                "data_dir": str(comp.data_dir),
+                "layout": comp.layout,
+                "sample_submission": str(comp.sample.path),
+                "id_column": comp.sample.id_column,
+                "sample_bom": comp.sample.bom,
+                "n_train": summary.n_train,
+                "n_test": summary.n_test,
+                "near_duplicates": {
+                    **dedup_settings,
+                    "groups": summary.n_groups,
+                    "pairs_within_train": summary.duplicate_pairs_train,
+                    "pairs_across_labels": cross_label_pairs,
+                    "pairs_train_test": summary.duplicate_pairs_train_test,
+                },
+                "skipped_images": summary.skipped,
             },
-            "skipped_images": summary.skipped,
-        },
-    )
+        )
     return summary
 
 

@@ -8,7 +8,7 @@ never sees half a file and a failed write leaves the previous version intact:
 
 A full disk (or quota, or file-size limit) while writing is one KitError line naming the file. A process
 killed mid-write leaves its temporary behind; `temporaries(folder)` finds them for the next owner.
-A folder of artifacts is built beside its target and swapped in whole with `replace_dir`.
+A folder of artifacts is built beside its target and swapped in whole (`staged_dir`, `replace_dir`).
 """
 
 from __future__ import annotations
@@ -73,6 +73,20 @@ def replace_dir(staging: Path, final: Path) -> None:
     os.replace(staging, final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path) -> Iterator[Path]:
+    """Yield an empty folder beside `final`; swap it in for `final` only if the block succeeds."""
+    final = Path(final)
+    staging = final.with_name(f".{final.name}.staging-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        yield staging
+        replace_dir(staging, final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

@@ -6,9 +6,7 @@ every score (cross-fitted and in-sample, per member and for the ensemble), the f
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +16,7 @@ from kit.ensemble.crossfit import CrossFit
 from kit.ensemble.members import Members
 from kit.ensemble.methods import Settings
 from kit.ensemble.scores import reliability
-from kit.io import replace_dir, write_bytes, write_json
+from kit.io import staged_dir, write_bytes, write_json
 from kit.preds import Predictions, save_predictions
 
 PARAMS_FILE = "params.safetensors"
@@ -91,10 +89,7 @@ def write_ensemble(summary, best: CrossFit, results, members: Members, curves: d
     previous ensemble of that name as it was, never its recipe beside another fit's parameters."""
     from kit.ensemble.report import write_report
 
-    final = Path(summary.path)
-    out = final.with_name(f".{final.name}.staging-{os.getpid()}")
-    shutil.rmtree(out, ignore_errors=True)
-    try:
+    with staged_dir(summary.path) as out:
         if best.final.params:
             write_params(out / PARAMS_FILE, best.final.params, best.method)
         save_predictions(out / "oof.npz", Predictions(members.train_ids, best.oof, members.fold))
@@ -102,6 +97,3 @@ def write_ensemble(summary, best: CrossFit, results, members: Members, curves: d
         curves = {**curves, f"ensemble {best.method} (cross-fitted)": reliability(members.labels, best.oof)}
         write_report(out / "report.png", summary, curves, best.recipe.get("member_weights", []))
         write_json(out / "recipe.json", build_recipe(summary, best, results, members, settings))
-        replace_dir(out, final)
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
