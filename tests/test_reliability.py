@@ -31,6 +31,7 @@ Atomic writes
   test_a_full_disk_keeps_the_previous_artifact[case]   CSV, oof.npz, safetensors: one line, the previous
                                                  file byte-identical, no temporary
   test_a_failed_ensemble_write_keeps_the_previous_ensemble   never a new oof.npz beside an old recipe.json
+  test_a_failed_folds_write_keeps_the_previous_folds   never a new train.csv beside an old classes.json
   test_a_reader_never_sees_half_a_file[case]     a reader during a write reads the old or the new file
   test_a_killed_cache_build_is_cleaned_up        a half-built image cache (GBs) does not stay behind
   test_atomic_path_*                             the writer every artifact goes through
@@ -629,6 +630,23 @@ def test_a_failed_ensemble_write_keeps_the_previous_ensemble(blended, monkeypatc
     one_error_line(result.output, result.exit_code, "report.png: cannot write (No space left on device)")
     assert snapshot(blended / "ensembles") == before  # not a new oof.npz beside the old recipe.json
     assert sorted(p.name for p in (blended / "ensembles").iterdir()) == ["blend"]
+
+
+def test_a_failed_folds_write_keeps_the_previous_folds(good_folds, tmp_path, monkeypatch):
+    import kit.folds
+
+    def half_then_disk_full(path: Path, obj) -> None:  # classes.json, the last of the three files
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(json.dumps(obj).encode()[:50])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    data, root = (shutil.copytree(p, tmp_path / p.name) for p in good_folds)
+    before = snapshot(root)
+    monkeypatch.setattr(kit.folds, "write_json", half_then_disk_full)
+    result = invoke("folds", data, "-k", 2, "--seed", 7, "--workers", 1, "--root", root)  # other folds
+    one_error_line(result.output, result.exit_code, "classes.json: cannot write (No space left on device)")
+    assert snapshot(root) == before  # not a new train.csv beside the old classes.json
+    assert sorted(p.name for p in root.iterdir()) == ["folds"]
 
 
 def test_atomic_path_keeps_the_old_file_when_the_block_raises(tmp_path):
