@@ -189,6 +189,7 @@ def bench_input_pipeline(
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, len(paths) // batch_size)
     rows = []
     for epoch in range(epochs):
+        dataset.seed = epoch  # per-image augmentation seeds, as in a fold's training
         loader = make_loader(dataset, batch_size, True, default_workers(cfg.workers), device, epoch, drop_last=True)
         stats = trainer.train_epoch(loader, f"input pipeline epoch {epoch + 1}")
         rows.append(

@@ -170,6 +170,16 @@ def check_submission_command(csv_file, sample) -> None:
 @click.option("--name", help="Run folder under runs/ (default: from the preset or model).")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.")
 @click.option("--fold", "only_folds", type=int, multiple=True, help="Train only these folds (repeatable).")
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="Folds in parallel: N workers, one GPU each (N CPU workers without CUDA), each taking the next fold.",
+)
+@click.option(
+    "--ddp",
+    type=click.IntRange(min=1),
+    help="Each fold data-parallel over N GPUs through torchrun (N CPU processes without CUDA).",
+)
 @click.option("--head", type=click.Choice(["head", "rerank", "probe"]), help="vlm: how the VLM classifies.")
 @click.option("--base-run", help="vlm rerank: the run whose top-k classes are re-scored.")
 @click.option("--top-k", type=int, help="vlm rerank: candidates per image.")
@@ -189,6 +199,8 @@ def train(
     name,
     device,
     only_folds,
+    gpus,
+    ddp,
     head,
     base_run,
     top_k,
@@ -222,7 +234,18 @@ def train(
         family, _, target = model.partition(":") if model.startswith(("vlm:", "probe:")) else ("timm", "", model)
         quick.update(family=family, model=target)
     cfg = load_config(preset_or_config, list(overrides), quick)
-    s = train_run(cfg, root, list(only_folds) or None)
+    if gpus and ddp:
+        raise click.UsageError("--gpus and --ddp: choose one (folds in parallel, or each fold over several GPUs)")
+    if gpus:
+        from kit.train.parallel import train_parallel
+
+        s = train_parallel(cfg, root, list(only_folds) or None, gpus)
+    elif ddp:
+        from kit.train.ddp import train_ddp
+
+        s = train_ddp(cfg, root, list(only_folds) or None, ddp)
+    else:
+        s = train_run(cfg, root, list(only_folds) or None)
     if s.complete:
         click.echo(
             f"wrote {s.run_dir}: {s.k} folds, CV log loss {s.cv['log_loss']:.4f}, accuracy {s.cv['accuracy']:.4f}"

@@ -10,6 +10,8 @@ several processes or machines add trials to one study until it holds `trials` of
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from kit.ensemble.blend import Blend, BlendLoss
@@ -73,14 +75,15 @@ def tune(
     from optuna.trial import FixedTrial, TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        storage=storage,
-        study_name=study_name,
-        load_if_exists=storage is not None,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        direction="minimize",
-    )
-    if not study.trials:  # the first process to open the study seeds it
+    storage = _open_storage(storage) if storage else None
+    sampler = optuna.samplers.TPESampler(seed=seed)
+    try:
+        study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, direction="minimize")
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:  # another process (or an earlier run) made it
+        study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler)
+        created = False
+    if created:  # only the process that created the study seeds it: the database settles who that is
         equal = Blend(np.full(objective.n_members, 1.0 / objective.n_members), start.temperatures, 1.0, start.space)
         study.enqueue_trial(objective.params(equal))
         study.enqueue_trial(objective.params(start))
@@ -93,3 +96,18 @@ def tune(
         return start, 0
     best = objective.suggest(FixedTrial(study.best_params))
     return (best if study.best_value < objective.loss.value(start) else start), done
+
+
+def _open_storage(url: str, attempts: int = 5):
+    """Optuna's RDB storage. Processes that open a new database together race to write its schema; the
+    losers find it written when they try again."""
+    import optuna
+    from sqlalchemy.exc import DBAPIError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except DBAPIError:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))

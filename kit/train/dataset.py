@@ -14,13 +14,14 @@ import contextlib
 import fcntl
 import hashlib
 import os
+import random
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
 from tqdm.auto import tqdm
 
 from kit.images import load_image
@@ -30,7 +31,9 @@ from kit.preprocess import resize_square
 
 class ImageDataset(Dataset):
     """Rows of a table of images. With a cache, `cache_rows[i]` is row i's index in the cache array
-    (a cache spans every image of a table; a fold's subset only indexes into it)."""
+    (a cache spans every image of a table; a fold's subset only indexes into it). With `seed` set (each
+    epoch), row i's augmentation follows from (seed, i) alone: the same whichever loader worker or
+    data-parallel rank draws it."""
 
     def __init__(
         self,
@@ -45,6 +48,7 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.cache = cache
         self.cache_rows = np.arange(len(self.paths)) if cache_rows is None else np.asarray(cache_rows)
+        self.seed: int | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -54,6 +58,10 @@ class ImageDataset(Dataset):
             pixels = np.array(self.cache[self.cache_rows[index]])  # a private copy of the read-only map
         else:
             pixels = np.asarray(load_image(self.paths[index]))
+        if self.seed is not None:
+            seed = self.seed * 2**32 + index
+            # one generator pair for the whole pipeline: set_random_seed would build one per transform
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image = self.transform(image=pixels)["image"]
         label = -1 if self.labels is None else int(self.labels[index])
         return image, label
@@ -130,22 +138,39 @@ def make_loader(
     device: torch.device,
     seed: int = 0,
     drop_last: bool = False,
+    part: tuple[int, int] = (0, 1),
 ) -> DataLoader:
     """Pinned, prefetching workers, rebuilt each epoch (not persistent) so that the seeded shuffle and the
-    workers' augmentation seeds follow from (seed, fold, epoch) and a resumed run replays them exactly."""
+    workers' augmentation seeds follow from (seed, fold, epoch) and a resumed run replays them exactly.
+    `part=(rank, world)`: a data-parallel rank's slice of every batch (kit.train.distributed)."""
     generator = torch.Generator().manual_seed(seed)
+    sampler = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    batches = BatchSampler(sampler, batch_size, drop_last)  # what DataLoader(batch_size=, shuffle=) builds
     return DataLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=shuffle,
+        batch_sampler=batches if part[1] == 1 else RankSlices(batches, *part),
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
-        drop_last=drop_last,
         generator=generator,
         worker_init_fn=_seed_worker,
     )
+
+
+class RankSlices(Sampler):
+    """Rank r's slice of every batch of `batches`: the ranks together draw exactly the one-device batches."""
+
+    def __init__(self, batches: BatchSampler, rank: int, world: int):
+        self.batches, self.rank, self.world = batches, rank, world
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for batch in self.batches:
+            n = len(batch)
+            yield batch[n * self.rank // self.world : n * (self.rank + 1) // self.world]
 
 
 def _seed_worker(worker_id: int) -> None:

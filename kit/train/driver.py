@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,7 +53,7 @@ def run_config(run_dir: Path) -> TrainConfig:
     return from_dict({k: v for k, v in data.items() if k not in RUN_META_KEYS})
 
 
-def _write_config(run_dir: Path, cfg: TrainConfig, folds: Folds) -> None:
+def write_config(run_dir: Path, cfg: TrainConfig, folds: Folds) -> None:
     record = {**to_dict(cfg), "folds_sha256": folds.sha256, "classes": folds.classes, "kit_version": __version__}
     path = run_dir / "config.json"
     if path.is_file():
@@ -75,28 +77,47 @@ def train_run(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> RunSummary:
     root = Path(root)
+    family, cfg, folds, run_dir, fold_ids = plan_run(cfg, root, only_folds)
+    with RunLock(run_dir):
+        write_config(run_dir, cfg, folds)
+        for stale in temporaries(run_dir):  # half-written files of a killed holder of the lock
+            stale.unlink()
+        for fold in fold_ids:
+            fold_dir = run_dir / f"fold{fold}"
+            if not (fold_dir / "done.json").is_file():
+                train_fold(family, cfg, folds, fold, fold_dir, root, on_epoch_end)
+        return assemble(run_dir, folds)
+
+
+class RunPlan(NamedTuple):
+    family: ModuleType
+    cfg: TrainConfig  # resolved against the folds (class count, input size, mean, std)
+    folds: Folds
+    run_dir: Path
+    fold_ids: list[int]  # the folds to train, in order
+
+
+def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) -> RunPlan:
+    """What every way of training a run starts from; the caller's config stays as given."""
     folds = load_folds(root)
     bad = [f for f in only_folds or [] if not 0 <= f < folds.k]
     if bad:
         raise KitError(f"--fold {bad[0]}: folds are 0..{folds.k - 1}")
     family = get_family(cfg.family)
-    cfg = family.resolve_config(copy.deepcopy(cfg), folds)  # the caller's config stays as given
-    run_dir = root / RUNS_DIR / cfg.name
-    with RunLock(run_dir):
-        _write_config(run_dir, cfg, folds)
-        for stale in temporaries(run_dir):  # half-written files of a killed holder of the lock
-            stale.unlink()
-        for fold in only_folds or range(folds.k):
-            fold_dir = run_dir / f"fold{fold}"
-            if not (fold_dir / "done.json").is_file():
-                _train_fold(family, cfg, folds, fold, fold_dir, root, on_epoch_end)
-        return assemble(run_dir, folds)
+    cfg = family.resolve_config(copy.deepcopy(cfg), folds)
+    return RunPlan(family, cfg, folds, Path(root) / RUNS_DIR / cfg.name, list(only_folds or range(folds.k)))
 
 
-def _train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
+def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
     start = time.perf_counter()
     fold_dir.mkdir(parents=True, exist_ok=True)
     family.fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end)
+    finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start)
+
+
+def finish_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, seconds: float) -> None:
+    """Predict the fold's validation rows and the test set with its best weights, then mark it done."""
+    start = time.perf_counter()
     predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
     valid = folds.train[folds.train["fold"] == fold]
     valid_logp = predict(valid["path"].tolist())
@@ -107,7 +128,8 @@ def _train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Pat
         fold_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), predict(folds.test["path"].tolist()))
     )
     scores = score(valid["y"].to_numpy(), np.exp(valid_logp.astype(np.float64)), folds.merge_groups)
-    write_json(fold_dir / "done.json", {"fold": fold, **scores, "seconds": round(time.perf_counter() - start, 1)})
+    seconds += time.perf_counter() - start
+    write_json(fold_dir / "done.json", {"fold": fold, **scores, "seconds": round(seconds, 1)})
     (fold_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # optimizer state is no longer needed
 
 

@@ -27,6 +27,7 @@ from kit.infer.timm_predict import Normalizer
 from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
+from kit.train import distributed
 from kit.train.checkpoint import load_training_state, save_training_state, save_weights
 from kit.train.runtime import autocast
 
@@ -105,7 +106,8 @@ class FoldTrainer:
             self.optimizer, warmup_cosine(updates * cfg.epochs, round(updates * cfg.warmup_epochs))
         )
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-        self.forward = torch.compile(model) if cfg.compile else model
+        forward = distributed.wrap(self.model, device)  # DistributedDataParallel under --ddp, else the model
+        self.forward = torch.compile(forward) if cfg.compile else forward
         self.mixup = self._mixup(cfg, model)
         self.history = FoldHistory()
         self.epoch = 0
@@ -167,8 +169,9 @@ class FoldTrainer:
             tick = time.perf_counter()
         bar.close()
         seconds = time.perf_counter() - start
+        total, count = distributed.all_sum([float(total), count], self.device)  # every rank's images
         return {
-            "train_loss": float(total) / max(count, 1),
+            "train_loss": total / max(count, 1),
             "seconds": round(seconds, 3),
             "data_wait": round(wait / max(seconds, 1e-9), 4),
             "images_per_s": round(count / seconds, 1),
@@ -204,12 +207,15 @@ class FoldTrainer:
         self.history.rows.append(row)
         if valid_loss < self.history.best_loss:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
-            save_weights(
-                fold_dir / WEIGHTS,
-                self.eval_model.state_dict(),
-                {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)},
-            )
+            if distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
+                save_weights(
+                    fold_dir / WEIGHTS,
+                    self.eval_model.state_dict(),
+                    {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)},
+                )
         self.epoch += 1
+        if not distributed.is_main():
+            return self.stopped
         parts, meta = self.state()
         save_training_state(fold_dir / CHECKPOINT, parts, meta)
         # after the checkpoint: an epoch history.csv shows is never lost to a kill

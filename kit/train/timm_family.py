@@ -10,6 +10,7 @@ import numpy as np
 from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
 from kit.infer.timm_predict import TimmFold, timm_spec
+from kit.train import distributed
 from kit.train.augment import eval_pipeline, train_pipeline
 from kit.train.dataset import ImageDataset, image_cache, make_loader
 from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, evaluate, predict_logp
@@ -76,18 +77,22 @@ def fit_fold(
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
     if (fold_dir / CHECKPOINT).is_file():
         trainer.resume(fold_dir / CHECKPOINT)
-    valid_loader = make_loader(datasets["valid"], _predict_batch(cfg), False, workers, device)
+    # under --ddp every rank predicts its share of the validation rows; gather() joins them in row order
+    valid_loader = make_loader(distributed.shard(datasets["valid"]), _predict_batch(cfg), False, workers, device)
     valid_labels = datasets["valid"].labels
     while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
         seed_everything(seed)
-        datasets["train"].transform.set_random_seed(seed)
+        datasets["train"].seed = seed
         # drop the ragged last batch only when a full one exists: a fold smaller than a batch must still train
         full = len(datasets["train"]) >= cfg.batch_size
-        loader = make_loader(datasets["train"], cfg.batch_size, True, workers, device, seed, drop_last=full)
+        loader = make_loader(
+            datasets["train"], cfg.batch_size, True, workers, device, seed, drop_last=full, part=distributed.part()
+        )
         stats = trainer.train_epoch(loader, f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
         logp = predict_logp(trainer.eval_model, valid_loader, device, trainer.normalize, ["none"], cfg.precision)
+        logp = distributed.gather(logp)
         row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
         if on_epoch_end is not None:

@@ -1,0 +1,116 @@
+"""Start the processes that train a run's folds, show one progress bar, report a failure in one line.
+
+    run_workers([Worker("gpu0", command, {"CUDA_VISIBLE_DEVICES": "0"}), ...], plan, "tiny: 2 folds on 2 GPUs")
+
+`kit train --gpus N` (kit.train.parallel) starts N fold workers, `kit train --ddp N` (kit.train.ddp) one
+torchrun. The bar counts fold-epochs from what the workers write anyway (fold<k>/history.csv and done.json),
+so it also counts folds that coordinators on other machines train. The workers stay quiet and log to
+runs/<run>/logs/<host>-<worker>.log. When one fails the others are stopped: each loses at most its
+current epoch, and the same command resumes.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from kit.config import TrainConfig
+from kit.errors import KitError
+from kit.train.driver import RunPlan
+
+POLL_S = 0.25
+
+
+@dataclass
+class Worker:
+    name: str  # names its log file
+    command: list[str]
+    env: dict[str, str]
+
+
+class WorkerFailed(KitError):
+    """A worker died of something other than bad input (a crash, out of memory): exit code 1."""
+
+    exit_code = 1
+
+
+def progress(run_dir: Path, fold_ids: list[int], epochs: int) -> tuple[int, int]:
+    """(fold-epochs finished, folds done); a done fold counts in full, as it may have stopped early."""
+    epochs_done, folds_done = 0, 0
+    for fold in fold_ids:
+        fold_dir = Path(run_dir) / f"fold{fold}"
+        if (fold_dir / "done.json").is_file():
+            epochs_done, folds_done = epochs_done + epochs, folds_done + 1
+        elif (fold_dir / "history.csv").is_file():  # replaced atomically: never read half-written
+            epochs_done += max(0, len((fold_dir / "history.csv").read_text().splitlines()) - 1)
+    return epochs_done, folds_done
+
+
+def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
+    """Run the workers to the end under one progress bar; raise if one fails (after stopping the rest)."""
+    logs = plan.run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    host = socket.gethostname()
+    running: list[tuple[Worker, subprocess.Popen, Path]] = []
+    try:
+        for worker in workers:
+            log = logs / f"{host}-{worker.name}.log"
+            with open(log, "a") as out:  # the child keeps its own descriptor; a resumed run adds to it
+                env = {**os.environ, "TQDM_DISABLE": "1", **worker.env}  # one progress view: this one
+                # a session of its own: Ctrl-C reaches only this process, which stops the workers below
+                proc = subprocess.Popen(
+                    worker.command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                )
+            running.append((worker, proc, log))
+        n_folds, epochs = len(plan.fold_ids), plan.cfg.epochs
+        done, _ = progress(plan.run_dir, plan.fold_ids, epochs)
+        with tqdm(total=n_folds * epochs, initial=done, desc=desc, unit="epoch") as bar:
+            while True:
+                codes = [proc.poll() for _, proc, _ in running]
+                done, folds_done = progress(plan.run_dir, plan.fold_ids, epochs)
+                bar.set_postfix_str(f"{folds_done}/{n_folds} folds done", refresh=False)
+                bar.update(done - bar.n)
+                for (worker, _, log), code in zip(running, codes, strict=True):
+                    if code:
+                        raise _failure(worker, code, log)
+                if all(code is not None for code in codes):
+                    return
+                time.sleep(POLL_S)
+    finally:
+        for _, proc, _ in running:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc, _ in running:
+            proc.wait()
+
+
+def _failure(worker: Worker, code: int, log: Path) -> KitError:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error: ")]
+    if errors:  # bad input, named by the worker in one line (torchrun passes it on with exit code 1)
+        return KitError(errors[-1].removeprefix("error: "))
+    last = lines[-1] if lines else "no output"
+    return WorkerFailed(f"worker {worker.name} failed (exit code {code}): {last}; log {log}; run again to resume")
+
+
+def take_share(cfg: TrainConfig, share: int) -> None:
+    """In a worker, one of `share` on this machine: its part of the cores for torch threads and, when
+    the config leaves it automatic, for DataLoader workers (their count does not change the results).
+
+    CPU float sums depend on the thread count, so a deterministic run keeps torch's default, that of a
+    single-process run: its artifacts are then bit-identical to `kit train`'s on the same machine.
+    """
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    part = max(1, cores // share)
+    if not cfg.deterministic:
+        torch.set_num_threads(part)
+    if cfg.workers < 0:
+        cfg.workers = min(8, part)

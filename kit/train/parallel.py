@@ -1,0 +1,107 @@
+"""Folds in parallel: `kit train CONFIG --gpus N` runs N worker processes, one per GPU (N CPU workers on a
+machine without CUDA), each training the next unfinished fold.
+
+    summary = train_parallel(load_config("tiny"), root=Path("."), n=2)
+
+A worker claims a fold with a lock on fold<k>/.lock (an flock the kernel drops when the worker dies).
+Coordinators hold the run's lock shared, so several, on one machine or on machines sharing the runs/
+folder, split one run between them. A fold whose worker died is unclaimed: the next run resumes it
+from its last checkpoint. Each fold is trained by the single-device code (driver.train_fold) and its
+randomness follows from (seed, fold, epoch) only, so the artifacts equal those of `kit train CONFIG`.
+The parent shows one progress bar and assembles oof.npz / test.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from kit.config import TrainConfig
+from kit.errors import KitError
+from kit.folds import load_folds
+from kit.io import temporaries
+from kit.train.driver import RunSummary, assemble, plan_run, run_config, train_fold, write_config
+from kit.train.families import get_family
+from kit.train.launch import Worker, run_workers, take_share
+from kit.train.lock import LockBusy, RunLock
+
+
+def train_parallel(
+    cfg: TrainConfig, root: Path = Path("."), only_folds: list[int] | None = None, n: int = 2
+) -> RunSummary:
+    root = Path(root)
+    gpus = gpu_ids(n, cfg.device)
+    plan = plan_run(cfg, root, only_folds)
+    with RunLock(plan.run_dir, shared=True):
+        write_config(plan.run_dir, plan.cfg, plan.folds)
+        todo = [f for f in plan.fold_ids if not (plan.run_dir / f"fold{f}" / "done.json").is_file()]
+        gpus = gpus[: len(todo)]  # no idle workers
+        command = [sys.executable, "-m", "kit.train.parallel", str(plan.run_dir), "--root", str(root)]
+        command += ["--share", str(len(gpus)), *map(str, todo)]
+        workers = [
+            Worker(f"gpu{gpu}", command, {"CUDA_VISIBLE_DEVICES": gpu}) if gpu else Worker(f"cpu{i}", command, {})
+            for i, gpu in enumerate(gpus)
+        ]
+        if workers:
+            where = f"{len(gpus)} GPUs" if gpus[0] else f"{len(gpus)} CPU workers"
+            run_workers(workers, plan, f"{plan.cfg.name}: {len(todo)} folds on {where}")
+        return assemble(plan.run_dir, plan.folds)
+
+
+def gpu_ids(n: int, device: str) -> list[str | None]:
+    """CUDA_VISIBLE_DEVICES for each of `n` workers, one GPU each; None for CPU workers."""
+    import torch
+
+    if device == "cpu" or (device == "auto" and not torch.cuda.is_available()):
+        return [None] * n
+    if device not in ("auto", "cuda"):
+        raise KitError(f"--gpus {n} gives each worker a GPU of its own: leave --device at auto or cuda, not {device}")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i for i in visible.split(",") if i] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if n > len(ids):
+        raise KitError(f"--gpus {n}: only {len(ids)} GPUs are visible")
+    return ids[:n]
+
+
+def work(run_dir: Path, root: Path, fold_ids: list[int], share: int) -> list[int]:
+    """One worker: train every fold of `fold_ids` that is neither done nor claimed; the folds it trained."""
+    cfg = run_config(run_dir)
+    take_share(cfg, share)
+    folds = load_folds(root)
+    family = get_family(cfg.family)
+    trained = []
+    for fold in fold_ids:
+        fold_dir = run_dir / f"fold{fold}"
+        try:
+            with RunLock(fold_dir):
+                if (fold_dir / "done.json").is_file():
+                    continue
+                for stale in temporaries(fold_dir):  # half-written files of a worker that died on this fold
+                    stale.unlink()
+                print(f"fold {fold}: training", file=sys.stderr, flush=True)
+                train_fold(family, cfg, folds, fold, fold_dir, root, None)
+                trained.append(fold)
+        except LockBusy:
+            continue  # another worker, here or on another machine, has it
+    return trained
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="A fold worker of `kit train --gpus N`, which starts it.")
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("folds", type=int, nargs="+")
+    parser.add_argument("--root", type=Path, required=True)
+    parser.add_argument("--share", type=int, default=1, help="workers on this machine; each takes 1/share of it")
+    args = parser.parse_args(argv)
+    try:
+        trained = work(args.run_dir, args.root, args.folds, args.share)
+    except KitError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    print(f"trained folds {trained}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
