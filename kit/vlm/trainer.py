@@ -9,6 +9,7 @@ gradient accumulation, per-epoch validation, best weights, and a one-file resuma
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -109,6 +110,8 @@ class LoraTrainer:
         return parts, meta
 
     def resume_if_any(self, fold_dir: Path) -> None:
+        for stale in Path(fold_dir).glob(".adapter.*"):  # a save_adapter killed half-way (the run lock is ours)
+            shutil.rmtree(stale, ignore_errors=True)
         path = Path(fold_dir) / CHECKPOINT
         if not path.is_file():
             return
@@ -128,9 +131,10 @@ class LoraTrainer:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
             save_best()
         self.epoch += 1
-        write_text(Path(fold_dir) / "history.csv", self.history.csv())
         parts, meta = self.state()
         save_training_state(Path(fold_dir) / CHECKPOINT, parts, meta)
+        # after the checkpoint: an epoch history.csv shows is never lost to a kill (as in kit.train.loop)
+        write_text(Path(fold_dir) / "history.csv", self.history.csv())
         return self.stopped
 
     @property
