@@ -485,7 +485,7 @@ def run_kit(arch: str, mode: str, model_dir: Path, paths: list[str], args, resul
     fold_dir = args.work / "run" / "fold0"
     fold_dir.mkdir(parents=True, exist_ok=True)
     head_mode.save(vl, head, fold_dir)
-    del trainer, vl, head, loss_fn
+    trainer = loss_fn = vl = head = None  # the training model goes before the predictor loads
     free_memory()
     prompter, vl, head = head_mode.build(cfg, device, fold_dir, trainable=False)
     ib = args.infer_batch

@@ -59,6 +59,7 @@ class TrainConfig:
     num_classes: int = 0  # set from the folds
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0
+    freeze_groups: int = 0  # freeze the first N of timm's coarse groups (stem, then stages): weights and BN stats
     # data
     img_size: int = 0  # 0: the model's own input size
     mean: list[float] = field(default_factory=list)  # empty: the model's own

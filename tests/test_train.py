@@ -484,3 +484,29 @@ def test_cli_presets_lists_the_shipped_presets():
     assert {"tiny", "efficientnet_lite0"} <= set(lines)
     assert "test_efficientnet @ 32 px" in lines["tiny"]
     assert "efficientnet_lite0 @ 128 px" in lines["efficientnet_lite0"]
+
+
+def test_frozen_groups_keep_their_weights_and_batchnorm_statistics(competition, tmp_path):
+    """freeze_groups=2: the stem and the first stage come out of training exactly as they went in (weights
+    and BN running statistics: frozen BN layers stay in eval mode); the later stages and the head learn."""
+    from timm.models import group_modules
+
+    from kit.train.runtime import start_fold
+    from kit.train.timm_model import freeze_groups
+
+    root = folds_root(competition, tmp_path)
+    summary = train_run(load_config("tiny", overrides=[*RECIPE, "freeze_groups=2"]), root, only_folds=[0])
+    cfg = run_config(summary.run_dir)
+    start_fold(cfg, 0)  # the fold's seeding: the same initial weights as the run's
+    initial = build_model(cfg, cfg.num_classes).state_dict()
+    trained = load_file(summary.run_dir / "fold0" / "model.safetensors")
+    model = build_model(cfg, cfg.num_classes, pretrained=False)
+    frozen_modules = [
+        m for group in list(group_modules(model, model.group_matcher(coarse=True)).values())[:2] for m in group
+    ]
+    frozen = {k for k in initial if any(k.startswith(f"{m}.") for m in frozen_modules)}
+    assert any("running_mean" in k for k in frozen)
+    assert all(torch.equal(trained[k], initial[k]) for k in frozen)
+    assert not all(torch.equal(trained[k], initial[k]) for k in set(initial) - frozen if trained[k].is_floating_point())
+    with pytest.raises(KitError, match="freeze_groups=99"):
+        freeze_groups(model, 99)

@@ -63,6 +63,10 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
     return factor
 
 
+def _frozen(norm: torch.nn.modules.batchnorm._BatchNorm) -> bool:
+    return norm.affine and not norm.weight.requires_grad
+
+
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """No weight decay on biases and normalisation parameters (all 1-D tensors)."""
     decay, no_decay = [], []
@@ -155,6 +159,9 @@ class FoldTrainer:
 
     def train_epoch(self, loader, desc: str) -> dict:
         self.model.train()
+        for module in self.model.modules():  # frozen layers keep their pretrained statistics
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
+                module.eval()
         total, count, wait, start = torch.zeros((), device=self.device), 0, 0.0, time.perf_counter()
         bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False)
         tick = time.perf_counter()

@@ -15,7 +15,7 @@ from kit.train.augment import eval_pipeline, train_pipeline
 from kit.train.dataset import ImageDataset, image_cache, make_loader
 from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, evaluate, predict_logp
 from kit.train.runtime import default_workers, epoch_seed, resolve_device, seed_everything, start_fold
-from kit.train.timm_model import build_model, data_config
+from kit.train.timm_model import build_model, data_config, freeze_groups
 
 CACHE_DIR = Path(".cache") / "images"
 
@@ -55,7 +55,7 @@ def fit_fold(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> None:
     device = start_fold(cfg, fold)
-    model = build_model(cfg, cfg.num_classes)
+    model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
     table = folds.train
     cache = _cached(cfg, table["path"].tolist(), root)
     rows = {

@@ -40,6 +40,24 @@ def build_model(cfg: TrainConfig, num_classes: int, pretrained: bool = True) -> 
     return model
 
 
+def freeze_groups(model: torch.nn.Module, n: int) -> torch.nn.Module:
+    """Freeze the first `n` of timm's coarse parameter groups (the stem, then one group per stage).
+
+    Fine-tuning only the later stages keeps the pretrained low-level filters and, on a CPU, halves the
+    step: the frozen stages get no backward pass. Their BatchNorm layers stay in eval mode (FoldTrainer).
+    """
+    if n <= 0:
+        return model
+    from timm.models import group_modules
+
+    groups = list(group_modules(model, model.group_matcher(coarse=True)).values())
+    if n >= len(groups):
+        raise KitError(f"freeze_groups={n}: {type(model).__name__} has {len(groups)} groups; freeze fewer")
+    for name in (name for group in groups[:n] for name in group):
+        model.get_submodule(name).requires_grad_(False)
+    return model
+
+
 def init_head(model: torch.nn.Module) -> None:
     """A small fresh classifier. timm's default scales the init range by 1/sqrt(num_classes) (tuned for
     1000 classes); with a handful of classes it starts at logits of several units and a loss of ~6."""
