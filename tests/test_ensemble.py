@@ -123,3 +123,20 @@ def test_equivalent_classes_are_merged_when_scoring(tmp_path: Path):
     merged = score(labels, oof.probs, [[0, 1]])["log_loss"]
     assert s.cv_log_loss == pytest.approx(merged, abs=1e-6)
     assert s.cv_log_loss < score(labels, oof.probs)["log_loss"]
+
+
+@pytest.mark.parametrize("method", ["gated", "transformer", "bilinear"])
+def test_a_fusion_model_pushed_to_an_extreme_beta_stays_finite(method: str):
+    """Seen on the demo: a gated model extrapolated a held-out row to beta = inf and 0 * inf gave NaN."""
+    import torch
+
+    from kit.ensemble.fusion_models import build, member_logp, row_features
+
+    torch.manual_seed(0)
+    z = torch.randn(3, 8, 4) * 5
+    model = build(method, n_members=3, n_classes=4)
+    with torch.no_grad():
+        model.log_beta.fill_(200.0)
+        logp = model(member_logp(z, torch.ones(3)), row_features(z))
+    assert not torch.isnan(logp).any()
+    np.testing.assert_allclose(logp.exp().sum(1).numpy(), 1.0, atol=1e-5)

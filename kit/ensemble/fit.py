@@ -86,9 +86,15 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _cv_loss(result: CrossFit) -> float:
+    """The cross-fitted log loss, a failed (non-finite) one ranking last."""
+    loss = result.cv["log_loss"]
+    return loss if np.isfinite(loss) else np.inf
+
+
 def _keep_arrays_of_best(results: dict[str, CrossFit]) -> None:
     """Free the OOF and test predictions of every method but the best so far (peak memory)."""
-    best = min(results.values(), key=lambda r: r.cv["log_loss"])
+    best = min(results.values(), key=_cv_loss)
     for name, r in results.items():
         if r is not best and r.oof is not None:
             results[name] = dataclasses.replace(r, oof=None, test=None)
@@ -138,7 +144,7 @@ def fit_ensemble(
                 progress(f"{m}: cross-fitted log loss {results[m].cv['log_loss']:.5f}")
             _keep_arrays_of_best(results)
         member_scores, curves = score_members(members, view)
-    best = min(results.values(), key=lambda r: r.cv["log_loss"])
+    best = min(results.values(), key=_cv_loss)
     summary = EnsembleSummary(
         name=name,
         path=Path(root) / "ensembles" / name,

@@ -25,6 +25,7 @@ from torch import nn
 
 N_ROW_FEATURES = 5
 Z_FLOOR = -34.5  # log(1e-15): the metric treats smaller probabilities as 1e-15
+MAX_LOG_BETA = 4.0
 
 
 def member_logp(z: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
@@ -72,7 +73,8 @@ class Fusion(nn.Module):
     def forward(self, logp, feats, x=None, cols=None, logw=None) -> torch.Tensor:
         gate, log_beta = self.gates(feats, x, cols)
         mix = torch.logsumexp(torch.log_softmax(gate, dim=0) + logp, dim=0)
-        out = torch.exp(log_beta)[:, None] * mix
+        # beta within [e^-4, e^4]: a row the net extrapolates to a huge beta would give 0 * inf = NaN
+        out = torch.exp(log_beta.clamp(-MAX_LOG_BETA, MAX_LOG_BETA))[:, None] * mix
         weight = 0.0 if logw is None else logw
         return out - torch.logsumexp(out + weight, dim=1, keepdim=True)
 
