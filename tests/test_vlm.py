@@ -43,17 +43,33 @@ def check_run_contract(run_dir: Path, root: Path, fold_files: set[str] = FOLD_FI
 
 
 @pytest.mark.parametrize("model, pooling", [("qwen", "last"), ("llava", "mean")])
-def test_head_run_writes_the_run_contract(model, pooling, tiny_qwen, tiny_llava, vlm_root):
+def test_head_run_writes_the_run_contract(model, pooling, tiny_qwen, tiny_llava, vlm_root, monkeypatch):
+    from kit.vlm import features
+    from kit.vlm.model import VisionLanguage
+
+    encoded = []
+    encode = VisionLanguage.encode_images
+    monkeypatch.setattr(VisionLanguage, "encode_images", lambda vl, pixels: _count(encode(vl, pixels), encoded))
+    features._RUN_CACHE.clear()
     path = tiny_qwen if model == "qwen" else tiny_llava
     cfg = tiny_config(path, f"name=head_{model}", f"vlm.pooling={pooling}")
     summary = train_run(cfg, vlm_root)
     run_dir = vlm_root / "runs" / f"head_{model}"
     check_run_contract(run_dir, vlm_root)
+    # the frozen tower's output is shared by the folds: the training images go through it once for
+    # training and validation together, then once more as each fold predicts its OOF rows; plus K x test
+    folds = load_folds(vlm_root)
+    assert len(encoded) == 2 * len(folds.train) + folds.k * len(folds.test)
     assert summary.complete and np.isfinite(summary.cv["log_loss"])
     config = read_json(run_dir / "config.json")
     assert config["vlm"]["pooling"] == pooling and config["num_classes"] == len(VLM_CLASSES)
     adapter = json.loads((run_dir / "fold0" / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and "language_model" in adapter["target_modules"]
+
+
+def _count(images: list, seen: list) -> list:
+    seen.extend(images)
+    return images
 
 
 def _one_step(cfg, prompter, vl, head, paths: list[str], labels: list[int]) -> torch.Tensor:

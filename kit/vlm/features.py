@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from kit.config import TrainConfig
 from kit.vlm.inputs import Prompter, image_loader
 from kit.vlm.model import EncodedImage, VisionLanguage
 
@@ -39,6 +40,23 @@ class VisionCache:
         grid = None if image.grid is None else image.grid.cpu()
         self.items[row] = EncodedImage(image.features.cpu(), grid)
         self.used += size
+
+
+_RUN_CACHE: dict[tuple, VisionCache] = {}
+
+
+def run_cache(cfg: TrainConfig, folds_sha256: str) -> VisionCache:
+    """The process's cache for this tower, image settings and folds table, shared by its folds.
+
+    The tower is frozen, so a training image's features are the same in every fold: with K folds trained
+    one after another in one process, each image goes through the tower once instead of K times. Rows
+    are keyed by their index in folds/train.csv, hence the folds' sha256 in the key. One entry is kept.
+    """
+    key = (cfg.model, cfg.vlm.min_pixels, cfg.vlm.max_pixels, cfg.img_size, cfg.precision, cfg.device, folds_sha256)
+    if key not in _RUN_CACHE:
+        _RUN_CACHE.clear()
+        _RUN_CACHE[key] = VisionCache(int(cfg.vlm.vision_cache_gb * 2**30))
+    return _RUN_CACHE[key]
 
 
 def encoded_batches(

@@ -19,7 +19,7 @@ from kit.folds import Folds
 from kit.train.checkpoint import load_weights, save_weights
 from kit.train.loop import evaluate
 from kit.train.runtime import autocast, default_workers, resolve_device, start_fold
-from kit.vlm.features import VisionCache, encoded_batches
+from kit.vlm.features import encoded_batches, run_cache
 from kit.vlm.inputs import Prompter, pad_right
 from kit.vlm.model import ClassifierHead, EncodedImage, VisionLanguage, load_vlm, save_adapter, upload
 from kit.vlm.trainer import LoraTrainer, fit_epochs
@@ -92,7 +92,7 @@ def fit_fold(
     valid_rows = np.flatnonzero(folds.fold_of_row == fold)
     trainer = LoraTrainer(cfg, vl, head, device, -(-len(train_rows) // cfg.batch_size))
     trainer.resume_if_any(fold_dir)
-    cache = VisionCache(int(cfg.vlm.vision_cache_gb * 2**30))
+    cache = run_cache(cfg, folds.sha256)
     workers = default_workers(cfg.workers)
 
     def batches(rows: np.ndarray, size: int = cfg.batch_size):

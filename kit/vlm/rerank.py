@@ -26,7 +26,7 @@ from kit.folds import Folds, load_folds
 from kit.preds import load_source, to_logp
 from kit.train.loop import evaluate
 from kit.train.runtime import autocast, default_workers, resolve_device, start_fold
-from kit.vlm.features import VisionCache, encoded_batches
+from kit.vlm.features import encoded_batches, run_cache
 from kit.vlm.inputs import Prompter
 from kit.vlm.model import VisionLanguage, load_vlm, save_adapter
 from kit.vlm.scoring import candidate_prompt, label_scores, letter_ids, letter_loss, letter_scores, sequence_loss
@@ -146,7 +146,7 @@ def fit_fold(
     train_cands = with_truth(candidates(base.train, cfg.vlm.top_k), base.train, labels)
     trainer = LoraTrainer(cfg, vl, None, device, -(-len(train_rows) // cfg.batch_size))
     trainer.resume_if_any(fold_dir)
-    cache = VisionCache(int(cfg.vlm.vision_cache_gb * 2**30))
+    cache = run_cache(cfg, folds.sha256)
     workers = default_workers(cfg.workers)
 
     def batches(rows: np.ndarray, size: int = cfg.batch_size):
