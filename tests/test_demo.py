@@ -15,7 +15,9 @@ def demo(tmp_path_factory):
     from kit.cli import main
 
     root = tmp_path_factory.mktemp("demo")
-    result = CliRunner().invoke(main, ["demo", "--quick", "--root", str(root)])
+    with pytest.MonkeyPatch.context() as patch:  # a relative --root, as `make demo` gives it
+        patch.chdir(root.parent)
+        result = CliRunner().invoke(main, ["demo", "--quick", "--root", root.name])
     assert result.exit_code == 0, result.output
     return root, result.output
 

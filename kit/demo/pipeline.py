@@ -120,7 +120,7 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
     from kit.train.driver import train_run
     from kit.vlm.tiny import build_tiny_qwen2_5_vl
 
-    root = Path(root)
+    root = Path(root).resolve()  # the bundle's infer.py runs from its own folder
     report = DemoReport(root)
     with _stage(report, "data", log):
         data = materialise_elpv(root, limit=160 if quick else None)

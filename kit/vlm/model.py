@@ -184,14 +184,14 @@ def load_vlm(
     from peft import PeftModel, get_peft_model
 
     base = load_base(cfg, device, lm_head)
-    if adapter_dir is not None:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
-        if not trainable and not cfg.vlm.load_in_4bit:
-            model.merge_adapter()  # inference: W + BA once, instead of two extra matmuls per projection
-    else:
-        with warnings.catch_warnings():  # peft reads a property transformers 5.2x deprecates
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    with warnings.catch_warnings():  # peft reads a property transformers 5.2x deprecates
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        if adapter_dir is not None:
+            model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=trainable)
+        else:
             model = get_peft_model(base, lora_config(cfg, base))
+    if adapter_dir is not None and not trainable and not cfg.vlm.load_in_4bit:
+        model.merge_adapter()  # inference: W + BA once, instead of two extra matmuls per projection
     if trainable and cfg.vlm.gradient_checkpointing:
         enable_checkpointing(model)
     return VisionLanguage(model)
