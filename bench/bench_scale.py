@@ -157,9 +157,9 @@ def ddp_rank(args) -> None:
 
     import torch
 
+    from kit.bench import kit_step
     from kit.config import load_config
     from kit.train import distributed
-    from kit.train.loop import FoldTrainer
     from kit.train.runtime import resolve_device, set_deterministic
     from kit.train.timm_model import build_model
 
@@ -175,10 +175,8 @@ def ddp_rank(args) -> None:
     torch.manual_seed(0)
     model = build_model(cfg, 1000, pretrained=False)
     batches = synthetic_batches(10 + args.steps, args.batch_size, args.img_size, device)
-    trainer = FoldTrainer(cfg, copy.deepcopy(model), {"mean": cfg.mean, "std": cfg.std}, device, args.steps)
-    trainer.model.train()
     steppers = {
-        "kit": lambda images, labels: trainer.train_step(images, labels, 0, True),
+        "kit": kit_step(cfg, copy.deepcopy(model), device, args.steps),
         "reference": reference_ddp_step(cfg, copy.deepcopy(model), device),
     }
     best = {name: float("inf") for name in steppers}
@@ -207,33 +205,18 @@ def synthetic_batches(n: int, batch: int, size: int, device) -> list[tuple]:
 
 
 def reference_ddp_step(cfg, model, device):
-    """The data-parallel loop as one writes it by hand."""
+    """kit.bench's hand-written loop, wrapped in DistributedDataParallel as one does by hand."""
     import torch
-    import torch.nn.functional as F
 
+    from kit.bench import reference_step
     from kit.train import distributed
 
-    cuda = device.type == "cuda"
-    model = model.to(device, memory_format=torch.channels_last if cuda else torch.preserve_format).train()
-    forward = model
-    if distributed.active():
-        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if cuda else None)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=cuda)
-    mean = torch.tensor(cfg.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(cfg.std, device=device).view(1, 3, 1, 1) * 255
+    def ddp(module):
+        if not distributed.active():
+            return module
+        return torch.nn.parallel.DistributedDataParallel(module, device_ids=[device] if device.type == "cuda" else None)
 
-    def step(images, labels):
-        x = (images.to(device, non_blocking=True).float() - mean) / std
-        if cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
-            loss = F.cross_entropy(forward(x).float(), labels.to(device, non_blocking=True))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-
-    return step
+    return reference_step(cfg, model, device, wrap=ddp)
 
 
 def timed(step, batches: list, warmup: int, device) -> float:

@@ -38,11 +38,18 @@ def _batches(n: int, batch: int, size: int, classes: int, device: torch.device) 
     ]
 
 
-def reference_step(cfg: TrainConfig, model: torch.nn.Module, device: torch.device) -> Callable:
-    """The loop as one would write it by hand: normalise, autocast, cross-entropy, fused AdamW."""
+def reference_step(
+    cfg: TrainConfig,
+    model: torch.nn.Module,
+    device: torch.device,
+    wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+) -> Callable:
+    """The loop as one would write it by hand: normalise, autocast, cross-entropy, fused AdamW;
+    `wrap` (e.g. DistributedDataParallel) is applied to the model once it is on the device."""
     channels_last = cfg.channels_last and device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
-    forward = torch.compile(model) if cfg.compile else model
+    forward = wrap(model) if wrap is not None else model
+    forward = torch.compile(forward) if cfg.compile else forward
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )

@@ -100,13 +100,13 @@ def _stage(report: DemoReport, name: str, log: Callable[[str], None]) -> Iterato
 
 
 def _score_test_split(submission: Path, labels_file: Path, classes: list[str]) -> dict[str, float]:
-    from kit.metrics import score
+    from kit.metrics import normalise, score
 
     sub = pd.read_csv(submission, encoding="utf-8-sig")
     truth = pd.read_csv(labels_file).set_index("id").loc[sub.iloc[:, 0]]
     y = truth["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs = sub[classes].to_numpy(dtype=np.float64)
-    row_loss = -np.log(np.clip(probs[np.arange(len(y)), y] / probs.sum(1), 1e-15, 1 - 1e-15))
+    row_loss = -np.log(normalise(probs)[np.arange(len(y)), y])  # the metric's clipping, per row
     # the standard error of a mean over n rows: how far a test split of this size may land from the CV
     return {**score(y, probs), "log_loss_se": float(row_loss.std(ddof=1) / np.sqrt(len(y)))}
 
