@@ -92,10 +92,13 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
     # prediction
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # none | hflip | vflip
+    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # views of TTA_VIEWS, averaged
     predict_batch_size: int = 0  # 0: 2 x batch_size
     vlm: VLMConfig = field(default_factory=VLMConfig)
 
+
+# Test-time views (kit.infer.timm_predict.VIEWS; listed here so config checks import no torch).
+TTA_VIEWS = ("none", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
 
 # What runs/<run>/config.json records beside the config itself; dropped when it is read back as a config.
 RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
@@ -258,7 +261,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-        (all(t in ("none", "hflip", "vflip") for t in cfg.tta) and cfg.tta, "tta items: none, hflip, vflip"),
+        (bool(cfg.tta) and all(t in TTA_VIEWS for t in cfg.tta), f"tta items: {', '.join(TTA_VIEWS)}"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
         (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),

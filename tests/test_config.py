@@ -105,7 +105,7 @@ def test_precedence_defaults_preset_flags_set():
 
 def test_validation_problems_are_reported_together_with_their_sources(tmp_path):
     with pytest.raises(KitError) as e:
-        load_config(None, overrides=["epochs=0", "lr=0", "tta=none,rot90", "rrc_scale=0.5,0.2"])
+        load_config(None, overrides=["epochs=0", "lr=0", "tta=none,rot45", "rrc_scale=0.5,0.2"])
     message = str(e.value)
     for expected in ("epochs must be >= 1", "lr must be > 0", "tta items", "rrc_scale"):
         assert f"defaults + --set: {expected}" in message

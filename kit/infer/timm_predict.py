@@ -21,7 +21,18 @@ from kit.infer.images import ImageFiles, image_batches
 from kit.infer.progress import progress
 from kit.train.runtime import autocast
 
-FLIPS = {"none": None, "hflip": [3], "vflip": [2]}
+# The eight symmetries of the square (the dihedral group), each a function of NCHW batches: flips suit
+# left-right symmetric photos, the rotations and diagonal flips rotation-invariant data (cells, tissue).
+VIEWS = {
+    "none": lambda x: x,
+    "hflip": lambda x: torch.flip(x, [3]),
+    "vflip": lambda x: torch.flip(x, [2]),
+    "rot90": lambda x: torch.rot90(x, 1, [2, 3]),
+    "rot180": lambda x: torch.rot90(x, 2, [2, 3]),
+    "rot270": lambda x: torch.rot90(x, 3, [2, 3]),
+    "transpose": lambda x: x.transpose(2, 3),
+    "transverse": lambda x: torch.rot90(x, 2, [2, 3]).transpose(2, 3),
+}
 
 
 def timm_spec(config: dict) -> dict:
@@ -65,6 +76,21 @@ def raise_bad_image(extra) -> None:
 
 
 @torch.no_grad()
+def tta_logp(
+    model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, tta: list[str], precision: str
+) -> torch.Tensor:
+    """Log-probabilities [B, C] float32 of one uint8 NCHW batch already on the device, the views in `tta`
+    averaged in probability space. The one place a timm model turns pixels into predictions."""
+    x = normalize(images)
+    probs = 0
+    for name in tta:
+        with autocast(x.device, precision):
+            logits = model(VIEWS[name](x))
+        probs = probs + torch.softmax(logits.float(), dim=-1)
+    return (probs / len(tta)).clamp_min(1e-15).log()
+
+
+@torch.no_grad()
 def predict_logp(
     model: torch.nn.Module,
     loader,
@@ -74,19 +100,12 @@ def predict_logp(
     precision: str,
     desc: str = "predicting",
 ) -> np.ndarray:
-    """Log-probabilities [N, C], test-time augmentations averaged in probability space."""
+    """Log-probabilities [N, C] of a loader's batches (see tta_logp)."""
     model.eval()
     out = []
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
-        x = normalize(images.to(device, non_blocking=True))
-        probs = 0
-        for name in tta:
-            view = x if FLIPS[name] is None else torch.flip(x, FLIPS[name])
-            with autocast(device, precision):
-                logits = model(view)
-            probs = probs + torch.softmax(logits.float(), dim=-1)
-        out.append((probs / len(tta)).clamp_min(1e-15).log().cpu())
+        out.append(tta_logp(model, images.to(device, non_blocking=True), normalize, tta, precision).cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
