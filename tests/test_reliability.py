@@ -23,6 +23,8 @@ Kills: one deterministic CPU run, interrupted twice, against an uninterrupted tw
   test_sigint_stops_cleanly_at_a_resumable_point  SIGINT: one line, exit 130, every file whole, resumable
   test_a_second_trainer_is_refused_by_the_lock   a second `kit train` on the run: exit 2 naming the holder
   test_the_lock_of_a_killed_trainer_is_free      the flock of a SIGKILLed trainer dies with it
+  test_the_lock_dies_with_its_holder_not_its_loader_workers   SIGKILL of a holder whose DataLoader workers
+                                                 live on: the run is free at once
   test_sigkill_loses_at_most_the_epoch_in_progress
   test_killed_and_resumed_run_equals_an_uninterrupted_one   oof, test, weights and history within 1e-6; the
                                                  killed writer's temporaries are gone
@@ -45,6 +47,7 @@ Safety
 from __future__ import annotations
 
 import ast
+import contextlib
 import csv
 import errno
 import importlib
@@ -403,6 +406,48 @@ def test_the_lock_of_a_killed_trainer_is_free(story):
     assert story.lock_after_kill == str(story.second_pid)  # the lock file names the dead holder ...
     assert story.final.returncode == 0, story.final.stderr[-2000:]  # ... whose flock died with it
     assert story.final.stdout.strip().startswith(f"wrote {story.run}: 2 folds, CV log loss ")
+
+
+HOLDER = """
+import os, signal, sys, time
+import torch
+from torch.utils.data import DataLoader, Dataset
+from kit.train.lock import RunLock
+
+class Slow(Dataset):
+    def __len__(self):
+        return 1000
+    def __getitem__(self, i):
+        time.sleep(0 if i < 2 else 30)  # a long decode: a worker sees its parent gone only between items
+        return torch.zeros(1)
+
+with RunLock(sys.argv[1]):
+    batches = iter(DataLoader(Slow(), batch_size=1, num_workers=2))
+    next(batches)  # both workers are running and keep prefetching
+    workers = [w.pid for w in batches._workers]
+    print(" ".join(map(str, workers)), flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: the workers outlive it for a while
+"""
+
+
+def test_the_lock_dies_with_its_holder_not_its_loader_workers(tmp_path):
+    from kit.train.lock import RunLock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV
+    )
+    workers = [int(pid) for pid in holder.stdout.readline().split()]  # not read to EOF: the workers share it
+    assert holder.wait(timeout=120) == -signal.SIGKILL
+    assert len(workers) == 2
+    orphans = [pid for pid in workers if Path(f"/proc/{pid}").exists()]
+    try:
+        with RunLock(tmp_path):  # raised LockBusy while the forked workers held the inherited flock
+            assert orphans, "the workers exited before the lock was tried: the test proves nothing"
+    finally:
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        holder.stdout.close()
 
 
 def test_sigkill_loses_at_most_the_epoch_in_progress(story):

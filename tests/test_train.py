@@ -510,3 +510,39 @@ def test_frozen_groups_keep_their_weights_and_batchnorm_statistics(competition, 
     assert not all(torch.equal(trained[k], initial[k]) for k in set(initial) - frozen if trained[k].is_floating_point())
     with pytest.raises(KitError, match="freeze_groups=99"):
         freeze_groups(model, 99)
+
+
+def test_a_resumed_optimizer_keeps_its_parameters_memory_layout(tmp_path):
+    """CUDA's fused AdamW refuses moments in another layout than their channels_last parameters (a resumed
+    CUDA run crashed so); a checkpoint stores tensors contiguous, so resume must restore the strides."""
+    from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state
+
+    def trainer():
+        model = timm.create_model("test_efficientnet", num_classes=3).to(memory_format=torch.channels_last)
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-2)
+
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    model, optimizer = trainer()
+    model(x).square().mean().backward()
+    optimizer.step()
+    save_training_state(
+        tmp_path / "c.safetensors", {"model": model.state_dict(), "optimizer": optimizer.state_dict()}, {}
+    )
+    resumed, resumed_optimizer = trainer()
+    parts, _ = load_training_state(tmp_path / "c.safetensors")
+    resumed.load_state_dict(parts["model"])
+    load_optimizer(resumed_optimizer, parts["optimizer"])
+    convs = [p for p in resumed.parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1]
+    assert convs and all(not p.is_contiguous() for p in convs)  # channels_last strides
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        for slot in ("exp_avg", "exp_avg_sq"):
+            value = resumed_optimizer.state[p][slot]
+            assert value.stride() == p.stride(), slot
+            torch.testing.assert_close(value, optimizer.state[q][slot], atol=0, rtol=0)
+    for optim in (optimizer, resumed_optimizer):  # and both go on to the same weights
+        optim.zero_grad()
+    for net, optim in ((model, optimizer), (resumed, resumed_optimizer)):
+        net(x).square().mean().backward()
+        optim.step()
+    for p, q in zip(resumed.parameters(), model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0)

@@ -77,3 +77,19 @@ def load_training_state(path: Path) -> tuple[dict[str, dict], dict[str, Any]]:
     if "optimizer_param_groups" in meta:
         parts["optimizer"] = {"state": optimizer_state, "param_groups": meta.pop("optimizer_param_groups")}
     return parts, meta
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """optimizer.load_state_dict, with each moment tensor put back in its parameter's memory layout.
+
+    A checkpoint stores tensors contiguous (safetensors has no strides), so the moments of a
+    channels_last parameter come back in the default layout; load_state_dict moves them to the
+    parameter's device and dtype but keeps their strides, and CUDA's fused AdamW refuses parameters
+    and moments of different layouts ("must have same dtype, device, and layout").
+    """
+    optimizer.load_state_dict(state)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for slot, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][slot] = torch.empty_like(param, dtype=value.dtype).copy_(value)

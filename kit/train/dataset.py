@@ -10,12 +10,9 @@ decode a JPEG again:
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import random
-from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -27,6 +24,7 @@ from tqdm.auto import tqdm
 from kit.images import load_image
 from kit.io import atomic_path
 from kit.preprocess import resize_square
+from kit.train.lock import exclusive
 
 
 class ImageDataset(Dataset):
@@ -85,18 +83,6 @@ def _fill(args: tuple[str, int, int, list[str], int]) -> int:
     return len(paths)
 
 
-@contextlib.contextmanager
-def _exclusive(lock_file: Path) -> Iterator[None]:
-    """A blocking flock, freed by the kernel when its holder dies."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def image_cache(paths: list[str], size: int, cache_dir: Path, workers: int = 1) -> np.ndarray:
     """Memory-mapped [N, size, size, 3] uint8 array of the images; built (in parallel) on first use.
 
@@ -106,7 +92,7 @@ def image_cache(paths: list[str], size: int, cache_dir: Path, workers: int = 1) 
     file = Path(cache_dir) / f"{_cache_key(paths, size)}_{len(paths)}x{size}.u8"
     shape = (len(paths), size, size, 3)
     if not file.is_file():
-        with _exclusive(file.with_name(f"{file.name}.lock")):
+        with exclusive(file.with_name(f"{file.name}.lock")):
             if not file.is_file():  # built by another process while this one waited
                 for stale in file.parent.glob(f".{file.name}.*.tmp"):
                     stale.unlink()

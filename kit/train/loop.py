@@ -28,7 +28,7 @@ from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: 
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
 from kit.train import distributed
-from kit.train.checkpoint import load_training_state, save_training_state, save_weights
+from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state, save_weights
 from kit.train.runtime import autocast
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -201,7 +201,7 @@ class FoldTrainer:
     def resume(self, path: Path) -> None:
         parts, meta = load_training_state(path)
         self.model.load_state_dict(parts["model"])
-        self.optimizer.load_state_dict(parts["optimizer"])
+        load_optimizer(self.optimizer, parts["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.ema:
             self.ema.module.load_state_dict(parts["ema"])

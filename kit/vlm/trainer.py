@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from kit.config import TrainConfig
 from kit.io import write_text
-from kit.train.checkpoint import load_training_state, save_training_state
+from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state
 from kit.train.loop import CHECKPOINT, FoldHistory, warmup_cosine
 from kit.train.runtime import autocast, epoch_seed, seed_everything
 from kit.vlm.model import VisionLanguage
@@ -119,7 +119,7 @@ class LoraTrainer:
         with torch.no_grad():
             for name, value in parts["model"].items():
                 self.params[name].copy_(value)
-        self.optimizer.load_state_dict(parts["optimizer"])
+        load_optimizer(self.optimizer, parts["optimizer"])
         self.scheduler.load_state_dict(meta["scheduler"])
         self.epoch = meta["epoch"]
         self.history = FoldHistory(meta["history"], meta["best_loss"], meta["best_epoch"])
