@@ -71,6 +71,8 @@ class TrainConfig:
     coarse_dropout: float = 0.0  # probability of cutting out random rectangles
     cache: bool = True  # decoded images resized once into a uint8 memory map shared by folds and runs
     workers: int = -1  # DataLoader workers; -1: one per core, at most 8
+    pipeline: str = "auto"  # auto (device on CUDA with the cache) | device (batched on the GPU) | workers
+    gpu_cache_gb: float = -1.0  # device pipeline: image cache in GPU memory up to this size; -1: a quarter of it
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -104,7 +106,7 @@ TTA_VIEWS = ("none", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose",
 RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
-RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name"}
+RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb"}
 
 
 def _is_instance(value: Any, hint: Any) -> bool:
@@ -261,6 +263,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
+        (cfg.pipeline in ("auto", "device", "workers"), "pipeline must be auto, device or workers"),
         (bool(cfg.tta) and all(t in TTA_VIEWS for t in cfg.tta), f"tta items: {', '.join(TTA_VIEWS)}"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),

@@ -6,13 +6,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
 from kit.infer.timm_predict import TimmFold, timm_spec
 from kit.train import distributed
-from kit.train.augment import eval_pipeline, train_pipeline
-from kit.train.dataset import ImageDataset, image_cache, make_loader
+from kit.train.dataset import image_cache
+from kit.train.feed import EvalBatches, fold_feed, resident, use_device_pipeline
 from kit.train.loop import CHECKPOINT, WEIGHTS, FoldTrainer, evaluate, predict_logp
 from kit.train.runtime import default_workers, epoch_seed, resolve_device, seed_everything, start_fold
 from kit.train.timm_model import build_model, data_config, freeze_groups
@@ -57,43 +58,23 @@ def fit_fold(
     device = start_fold(cfg, fold)
     model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
     table = folds.train
-    cache = _cached(cfg, table["path"].tolist(), root)
-    rows = {
-        name: np.flatnonzero(mask)
-        for name, mask in (("train", table["fold"].to_numpy() != fold), ("valid", table["fold"].to_numpy() == fold))
-    }
-    datasets = {
-        name: ImageDataset(
-            table["path"].iloc[idx].tolist(),
-            table["y"].to_numpy()[idx],
-            train_pipeline(cfg, cfg.img_size) if name == "train" else eval_pipeline(cfg.img_size),
-            cache,
-            idx,
-        )
-        for name, idx in rows.items()
-    }
-    workers = default_workers(cfg.workers)
-    steps = max(1, len(datasets["train"]) // cfg.batch_size)
+    in_fold = table["fold"].to_numpy() == fold
+    rows = {"train": np.flatnonzero(~in_fold), "valid": np.flatnonzero(in_fold)}
+    labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
+    feed = fold_feed(cfg, device, table["path"].tolist(), _cached(cfg, table["path"].tolist(), root), rows, labels)
+    steps = max(1, len(rows["train"]) // cfg.batch_size)
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
     if (fold_dir / CHECKPOINT).is_file():
         trainer.resume(fold_dir / CHECKPOINT)
-    # under --ddp every rank predicts its share of the validation rows; gather() joins them in row order
-    valid_loader = make_loader(distributed.shard(datasets["valid"]), _predict_batch(cfg), False, workers, device)
-    valid_labels = datasets["valid"].labels
     while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
         seed_everything(seed)
-        datasets["train"].seed = seed
-        # drop the ragged last batch only when a full one exists: a fold smaller than a batch must still train
-        full = len(datasets["train"]) >= cfg.batch_size
-        loader = make_loader(
-            datasets["train"], cfg.batch_size, True, workers, device, seed, drop_last=full, part=distributed.part()
-        )
-        stats = trainer.train_epoch(loader, f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
-        logp = predict_logp(trainer.eval_model, valid_loader, device, trainer.normalize, ["none"], cfg.precision)
+        stats = trainer.train_epoch(feed.train_epoch(seed), f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
+        batches = feed.valid_batches(_predict_batch(cfg, device))
+        logp = predict_logp(trainer.eval_model, batches, device, trainer.normalize, ["none"], cfg.precision)
         logp = distributed.gather(logp)
-        row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
+        row = {"epoch": epoch, **stats, **evaluate(logp, labels["valid"]), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
@@ -101,8 +82,11 @@ def fit_fold(
             break
 
 
-def _predict_batch(cfg: TrainConfig) -> int:
-    return cfg.predict_batch_size or 2 * cfg.batch_size
+def _predict_batch(cfg: TrainConfig, device: torch.device) -> int:
+    """Prediction holds no gradients: on the device pipeline a large batch, else twice the training one."""
+    if cfg.predict_batch_size:
+        return cfg.predict_batch_size
+    return max(512, 2 * cfg.batch_size) if use_device_pipeline(cfg, device) else 2 * cfg.batch_size
 
 
 def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[[list[str]], np.ndarray]:
@@ -116,7 +100,10 @@ def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Ca
 
     def predict(paths: list[str]) -> np.ndarray:
         cache, rows = _cache_for(cfg, paths, root)
-        workers = default_workers(cfg.workers)
-        return model(paths, workers, cache=cache, cache_rows=rows, desc=f"fold {fold} predicting")
+        desc = f"fold {fold} predicting"
+        if cache is not None and use_device_pipeline(cfg, device):  # the images already in device memory
+            batches = EvalBatches(resident(cache, device, cfg.gpu_cache_gb), rows, _predict_batch(cfg, device))
+            return predict_logp(model.model, batches, device, model.normalize, cfg.tta, cfg.precision, desc)
+        return model(paths, default_workers(cfg.workers), cache=cache, cache_rows=rows, desc=desc)
 
     return predict
