@@ -20,7 +20,7 @@ IMAGES ?= $(DATA)/test
 OUT ?= submissions/$(NAME).infer.csv
 ARGS ?=
 
-.PHONY: help venv .venv test demo folds train oof-ensemble submission bundle infer style quality clean
+.PHONY: help venv .venv test demo folds train oof-ensemble submission bundle infer gpu-check bench-e2e style quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -58,6 +58,12 @@ bundle: $(STAMP)  ## kit bundle NAME=run_or_ensemble
 
 infer:  ## run a bundle offline: NAME=... IMAGES=dir OUT=file.csv
 	$(BIN)/python submissions/$(NAME).bundle/infer.py --images $(IMAGES) --out $(OUT) $(ARGS)
+
+gpu-check: $(STAMP)  ## on a GPU machine: every GPU path on the demo data, one verdict line per check
+	$(BIN)/python bench/gpu_check.py $(ARGS)
+
+bench-e2e: $(STAMP)  ## on a GPU machine: whole kit train vs a hand-written loop (bench/RESULTS.md)
+	$(BIN)/python bench/bench_e2e.py --case elpv --case jpegs $(ARGS)
 
 style: $(STAMP)  ## format and autofix
 	$(BIN)/ruff format kit tests bench

@@ -55,7 +55,7 @@ class TrainConfig:
     name: str = ""  # run folder under runs/; default derived from the model
     family: str = "timm"  # timm | vlm | probe
     model: str = "resnet18"  # a timm model name, or a local path / hub id for vlm
-    pretrained: str = ""  # "" random init | hub | package:efficientnet_lite0 | path to .safetensors/.pth
+    pretrained: str = ""  # "" random init | hub | package:efficientnet_lite0 (1, 2) | path to .safetensors/.pth
     num_classes: int = 0  # set from the folds
     drop_rate: float = 0.0
     drop_path_rate: float = 0.0

@@ -162,6 +162,7 @@ class FoldTrainer:
         for module in self.model.modules():  # frozen layers keep their pretrained statistics
             if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
                 module.eval()
+        started_at = time.time()
         total, count, wait, start = torch.zeros((), device=self.device), 0, 0.0, time.perf_counter()
         bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False)
         tick = time.perf_counter()
@@ -182,6 +183,7 @@ class FoldTrainer:
             "seconds": round(seconds, 3),
             "data_wait": round(wait / max(seconds, 1e-9), 4),
             "images_per_s": round(count / seconds, 1),
+            "started_at": round(started_at, 3),  # unix time: where the epoch sits in the run's wall clock
         }
 
     def state(self) -> tuple[dict, dict]:

