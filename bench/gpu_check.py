@@ -129,7 +129,7 @@ def run_checks(root: Path, limit: int | None) -> Check:
         "train",
         "--set",
         f"model={tiny}",
-        *sum((["--set", s] for s in TINY_VLM_SETTINGS), []),
+        *[arg for s in TINY_VLM_SETTINGS for arg in ("--set", s)],
         "--set",
         "batch_size=16",
         "--set",
