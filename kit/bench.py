@@ -49,7 +49,7 @@ def reference_step(
     channels_last = cfg.channels_last and device.type == "cuda"
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
     forward = wrap(model) if wrap is not None else model
-    forward = torch.compile(forward) if cfg.compile else forward
+    forward = torch.compile(forward) if cfg.compile is True else forward
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda"
     )
@@ -140,7 +140,7 @@ def bench_training(cfg: TrainConfig, batch_size: int, steps: int = 30, warmup: i
             "img_size": size,
             "batch": batch_size,
             "precision": cfg.precision,
-            "compile": cfg.compile,
+            "compile": cfg.compile is True,
             "images_per_s": round(batch_size / seconds, 1),
             "peak_gib": round(memory, 2),
         }

@@ -90,7 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # CUDA only
-    compile: bool = False
+    compile: bool | str = "auto"  # auto: on CUDA, compiled after epoch 1 when its time says compiling pays
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
     # prediction
@@ -106,7 +106,8 @@ TTA_VIEWS = ("none", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose",
 RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
-RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb"}
+# compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
+RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb", "compile"}
 
 
 def _is_instance(value: Any, hint: Any) -> bool:
@@ -264,6 +265,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
         (cfg.pipeline in ("auto", "device", "workers"), "pipeline must be auto, device or workers"),
+        (cfg.compile in (True, False, "auto"), "compile must be true, false or auto"),
         (bool(cfg.tta) and all(t in TTA_VIEWS for t in cfg.tta), f"tta items: {', '.join(TTA_VIEWS)}"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,41 @@ def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, 
             raise
         raise OSError(int(found.group(1)), os.strerror(int(found.group(1)))) from e
     os.chmod(tmp, mode)
+
+
+def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Host copies of a state dict as it is now (the training goes on changing the device tensors)."""
+    return _cpu(state)
+
+
+class BackgroundWriter:
+    """Writes one job at a time in a thread, so the epoch's checkpoint (a disk write and an fsync) overlaps
+    the next epoch's steps. A job's error is raised by the next submit() or flush(); flush() before anything
+    reads what was written, and before leaving (a kill can then lose at most the epoch in progress and the
+    one whose checkpoint was still being written)."""
+
+    def __init__(self) -> None:
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.flush()
+        self._thread = threading.Thread(target=self._run, args=(job,), daemon=False)
+        self._thread.start()
+
+    def _run(self, job: Callable[[], None]) -> None:
+        try:
+            job()
+        except BaseException as e:  # handed to the training thread, which reports it
+            self._error = e
+
+    def flush(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:

@@ -5,7 +5,8 @@ coarse dropout; mixup/cutmix stay in the training step), for a whole batch in a 
 number of row r follows from (seed, r) alone through a counter-based hash, so a batch's augmentation does
 not depend on which rows share it, on the batch size or on the device: a resumed run replays it exactly.
 
-    x = augment(cfg, images, rows, seed)   # images: uint8 [B, S, S, 3] on the device -> float [B, 3, S, S]
+    params = to_device(plan(cfg, rows, seed), device)   # an epoch's draws, uploaded once
+    x = apply(images, {k: v[batch] for k, v in params.items()})  # uint8 [B, S, S, 3] -> float [B, 3, S, S]
 """
 
 from __future__ import annotations
@@ -51,68 +52,99 @@ def crop_boxes(u: np.ndarray, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) 
     return np.stack([u[:, 20] * (1 - w), u[:, 21] * (1 - h), w, h], axis=1)
 
 
-def _crop_and_flip(x: torch.Tensor, u: np.ndarray, cfg: TrainConfig) -> torch.Tensor:
-    """One grid_sample per batch: each row's crop box resized back to the full size, flips folded in."""
+def plan(cfg: TrainConfig, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """Every random choice for `rows`, one row each, computed on the host in one go (an epoch's worth is
+    uploaded once, so a batch costs no host-to-device copy and no synchronisation)."""
+    u = uniforms(seed, rows)
+    n = len(rows)
     box = crop_boxes(u, tuple(cfg.rrc_scale))
-    hflip = np.where(u[:, 22] < cfg.hflip, -1.0, 1.0)
-    vflip = np.where(u[:, 23] < cfg.vflip, -1.0, 1.0)
-    theta = np.zeros((len(u), 2, 3))
-    theta[:, 0, 0], theta[:, 1, 1] = box[:, 2] * hflip, box[:, 3] * vflip
+    theta = np.zeros((n, 2, 3))
+    theta[:, 0, 0] = box[:, 2] * np.where(u[:, 22] < cfg.hflip, -1.0, 1.0)  # a flip is a negative scale
+    theta[:, 1, 1] = box[:, 3] * np.where(u[:, 23] < cfg.vflip, -1.0, 1.0)
     theta[:, 0, 2] = 2 * box[:, 0] + box[:, 2] - 1  # the box centre in grid_sample's [-1, 1] coordinates
     theta[:, 1, 2] = 2 * box[:, 1] + box[:, 3] - 1
-    theta = torch.from_numpy(theta).to(x.device, torch.float32)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = {"theta": theta}
+    if cfg.color_jitter:
+        on = u[:, 24] < cfg.color_jitter
+        out["bcs"] = np.where(on[:, None], 0.7 + 0.6 * u[:, 25:28], 1.0)  # brightness, contrast, saturation
+        out["hue"] = _hue_turns(np.where(on, (u[:, 28] * 2 - 1) * 0.02 * 2 * math.pi, 0.0))
+    if cfg.coarse_dropout:
+        holes = np.where(u[:, 29] < cfg.coarse_dropout, 1 + np.floor(u[:, 30] * 4), 0)
+        h, w = 0.05 + 0.15 * u[:, 31:35], 0.05 + 0.15 * u[:, 35:39]  # [n, 4] fractions of the side
+        y0, x0 = u[:, 39:43] * (1 - h), u[:, 43:47] * (1 - w)
+        active = np.arange(4)[None, :] < holes[:, None]
+        # an inactive hole is an empty box
+        out["holes"] = np.stack([y0, np.where(active, y0 + h, y0), x0, np.where(active, x0 + w, x0)], axis=-1)
+    return out
 
 
-def _colour_jitter(x: torch.Tensor, u: np.ndarray, p: float) -> torch.Tensor:
+_TO_YIQ = np.array([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def _hue_turns(angle: np.ndarray) -> np.ndarray:
+    """[n, 3, 3] RGB matrices turning the chroma plane of YIQ by `angle`: a hue shift."""
+    turn = np.zeros((len(angle), 3, 3))
+    turn[:, 0, 0], turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = (
+        1,
+        np.cos(angle),
+        -np.sin(angle),
+        np.sin(angle),
+        np.cos(angle),
+    )
+    return np.linalg.inv(_TO_YIQ) @ turn @ _TO_YIQ
+
+
+def to_device(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """float32 copies on the device, sent from pinned memory without waiting for the device."""
+    pin = device.type == "cuda"
+    out = {}
+    for name, value in arrays.items():
+        tensor = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+        out[name] = (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+    return out
+
+
+_GREY = (0.299, 0.587, 0.114)
+
+
+def apply(images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """uint8 [B, S, S, 3] (kit's image cache layout) and the batch's rows of a plan (on the device) ->
+    augmented float [B, 3, S, S] in 0..255."""
+    x = images.permute(0, 3, 1, 2).float()
+    grid = F.affine_grid(params["theta"], list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    if "bcs" in params:
+        x = _colour_jitter(x, params["bcs"], params["hue"])
+    if "holes" in params:
+        x = _coarse_dropout(x, params["holes"])
+    return x
+
+
+def _colour_jitter(x: torch.Tensor, bcs: torch.Tensor, hue: torch.Tensor) -> torch.Tensor:
     """Brightness, contrast and saturation factors in [0.7, 1.3] and a hue turn of up to 0.02 of the circle
-    (albumentations' ColorJitter(0.3, 0.3, 0.3, 0.02)), on rows drawn with probability p."""
-    on = u[:, 24] < p
-    factors = np.where(on[:, None], 0.7 + 0.6 * u[:, 25:28], 1.0)
-    angle = np.where(on, (u[:, 28] * 2 - 1) * 0.02 * 2 * math.pi, 0.0)
-    b, c, s = (torch.from_numpy(factors[:, i]).to(x.device, torch.float32).view(-1, 1, 1, 1) for i in range(3))
-    weights = torch.tensor([0.299, 0.587, 0.114], device=x.device).view(1, 3, 1, 1)
+    (albumentations' ColorJitter(0.3, 0.3, 0.3, 0.02)), on the rows the plan drew."""
+    b, c, s = (bcs[:, i].view(-1, 1, 1, 1) for i in range(3))
+    weights = torch.tensor(_GREY, device=x.device).view(1, 3, 1, 1)
     x = x * b
-    grey = (x * weights).sum(1, keepdim=True)
-    x = (x - grey.mean((2, 3), keepdim=True)) * c + grey.mean((2, 3), keepdim=True)
+    mean = (x * weights).sum(1, keepdim=True).mean((2, 3), keepdim=True)
+    x = (x - mean) * c + mean
     grey = (x * weights).sum(1, keepdim=True)
     x = grey + (x - grey) * s
-    # hue: a rotation of the chroma plane of YIQ
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device)
-    cos, sin = torch.from_numpy(np.cos(angle)).float(), torch.from_numpy(np.sin(angle)).float()
-    turn = torch.zeros(len(u), 3, 3)
-    turn[:, 0, 0], turn[:, 1, 1], turn[:, 1, 2], turn[:, 2, 1], turn[:, 2, 2] = 1, cos, -sin, sin, cos
-    matrix = torch.linalg.inv(to_yiq) @ turn.to(x.device) @ to_yiq  # [B, 3, 3]
-    x = torch.einsum("bij,bjhw->bihw", matrix, x)
-    return x.clamp_(0, 255)
+    return torch.einsum("bij,bjhw->bihw", hue, x).clamp_(0, 255)
 
 
-def _coarse_dropout(x: torch.Tensor, u: np.ndarray, p: float) -> torch.Tensor:
-    """1-4 zeroed rectangles of 5-20% of the side each (albumentations' CoarseDropout as kit configures it)."""
+def _coarse_dropout(x: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    """Zero each row's holes ([B, 4, (y0, y1, x0, x1)] fractions of the side; 1-4 of 5-20% per side, as
+    albumentations' CoarseDropout as kit configures it)."""
     size = x.shape[-1]
-    on = u[:, 29] < p
-    holes = np.where(on, 1 + np.floor(u[:, 30] * 4), 0)  # [B]
-    h, w = 0.05 + 0.15 * u[:, 31:35], 0.05 + 0.15 * u[:, 35:39]  # [B, 4] fractions of the side
-    y0, x0 = u[:, 39:43] * (1 - h), u[:, 43:47] * (1 - w)
-    active = np.arange(4)[None, :] < holes[:, None]
-    device = x.device
-    edges = [torch.from_numpy(v * size).to(device, torch.float32) for v in (y0, y0 + h, x0, x0 + w)]
-    active = torch.from_numpy(active).to(device)
-    centres = torch.arange(size, device=device, dtype=torch.float32) + 0.5
-    inside_y = (centres.view(1, 1, -1) >= edges[0][..., None]) & (centres.view(1, 1, -1) < edges[1][..., None])
-    inside_x = (centres.view(1, 1, -1) >= edges[2][..., None]) & (centres.view(1, 1, -1) < edges[3][..., None])
-    mask = (inside_y[..., :, None] & inside_x[..., None, :] & active[..., None, None]).any(1)  # [B, S, S]
+    centres = (torch.arange(size, device=x.device, dtype=torch.float32) + 0.5) / size
+    edges = holes[..., None]  # [B, 4, 4, 1]
+    inside_y = (centres >= edges[:, :, 0]) & (centres < edges[:, :, 1])  # [B, 4, S]
+    inside_x = (centres >= edges[:, :, 2]) & (centres < edges[:, :, 3])
+    mask = (inside_y[..., :, None] & inside_x[..., None, :]).any(1)  # [B, S, S]
     return x.masked_fill(mask[:, None], 0.0)
 
 
 def augment(cfg: TrainConfig, images: torch.Tensor, rows: np.ndarray, seed: int) -> torch.Tensor:
-    """uint8 [B, S, S, 3] (kit's image cache layout) -> augmented float [B, 3, S, S] in 0..255."""
-    u = uniforms(seed, rows)
-    x = images.permute(0, 3, 1, 2).float()
-    x = _crop_and_flip(x, u, cfg)
-    if cfg.color_jitter:
-        x = _colour_jitter(x, u, cfg.color_jitter)
-    if cfg.coarse_dropout:
-        x = _coarse_dropout(x, u, cfg.coarse_dropout)
-    return x
+    """plan + apply for one batch (tests, one-off use); the feed plans a whole epoch at once."""
+    return apply(images, to_device(plan(cfg, rows, seed), images.device))

@@ -16,7 +16,6 @@ follow from (seed, fold, epoch, row) in both, so a resumed run replays its epoch
 from __future__ import annotations
 
 import sys
-import threading
 from collections.abc import Iterator
 
 import numpy as np
@@ -71,11 +70,22 @@ class ResidentImages:
             pixels[start : start + step].copy_(torch.from_numpy(np.ascontiguousarray(cache[start : start + step])))
         return pixels
 
-    def take(self, rows: np.ndarray) -> torch.Tensor:
-        index = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    def index(self, rows: np.ndarray):
+        """Rows as an index for take_indexed: a device tensor (sent once) or, in host memory, the array."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.pixels is None:
+            return rows
+        index = torch.from_numpy(rows)
+        return (index.pin_memory() if self.device.type == "cuda" else index).to(self.device, non_blocking=True)
+
+    def take_indexed(self, index, start: int, stop: int) -> torch.Tensor:
         if self.pixels is not None:
-            return self.pixels[index.to(self.pixels.device)]
-        return self.host[index].pin_memory().to(self.device, non_blocking=True)
+            return self.pixels[index[start:stop]]
+        # pinned host memory: gather into a pinned buffer, copy without waiting
+        return self.host[torch.from_numpy(index[start:stop])].pin_memory().to(self.device, non_blocking=True)
+
+    def take(self, rows: np.ndarray) -> torch.Tensor:
+        return self.take_indexed(self.index(rows), 0, len(rows))
 
 
 def resident(cache: np.ndarray, device: torch.device, budget_gb: float) -> ResidentImages:
@@ -85,30 +95,6 @@ def resident(cache: np.ndarray, device: torch.device, budget_gb: float) -> Resid
             del _resident[next(iter(_resident))]
         _resident[key] = ResidentImages(cache, device, budget_gb)
     return _resident[key]
-
-
-class _Prefetched:
-    """An epoch's batches with one prepared ahead in a thread, so host-memory gathers overlap the step."""
-
-    def __init__(self, make, count: int):
-        self.make, self.count = make, count
-
-    def __len__(self) -> int:
-        return self.count
-
-    def __iter__(self) -> Iterator:
-        if self.count == 0:
-            return
-        slot: list = [None]
-        worker = threading.Thread(target=lambda: slot.__setitem__(0, self.make(0)))
-        worker.start()
-        for i in range(self.count):
-            worker.join()
-            batch = slot[0]
-            if i + 1 < self.count:
-                worker = threading.Thread(target=lambda j=i + 1: slot.__setitem__(0, self.make(j)))
-                worker.start()
-            yield batch
 
 
 class EvalBatches:
@@ -121,37 +107,55 @@ class EvalBatches:
         return -(-len(self.rows) // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, None]]:
+        index = self.images.index(self.rows)
         for start in range(0, len(self.rows), self.batch_size):
-            yield self.images.take(self.rows[start : start + self.batch_size]).permute(0, 3, 1, 2), None
+            yield self.images.take_indexed(index, start, start + self.batch_size).permute(0, 3, 1, 2), None
 
 
 class DeviceFeed:
-    """Batches gathered from resident images and augmented on the device."""
+    """Batches gathered from resident images and augmented on the device. An epoch's shuffle and every row's
+    random draws are planned on the host and uploaded once: a batch is only kernels, no copy, no wait."""
 
     def __init__(self, cfg: TrainConfig, device: torch.device, images: ResidentImages, rows: dict, labels: dict):
         self.cfg, self.device, self.images, self.rows = cfg, device, images, rows
-        self.labels = {name: torch.as_tensor(np.asarray(v), dtype=torch.long) for name, v in labels.items()}
+        self.labels = np.asarray(labels["train"], dtype=np.int64)
 
-    def train_epoch(self, seed: int) -> _Prefetched:
-        from kit.train.device_augment import augment
+    def train_epoch(self, seed: int) -> _Epoch:
+        from kit.train.device_augment import plan, to_device
 
         rows, size = self.rows["train"], self.cfg.batch_size
         order = np.random.default_rng(seed).permutation(len(rows))
         full = len(order) >= size  # drop the ragged last batch only when a full one exists (as the loader)
-        count = len(order) // size if full else 1
-        rank, world = distributed.part()
-
-        def batch(i: int):
-            chosen = order[i * size : (i + 1) * size]
-            chosen = chosen[len(chosen) * rank // world : len(chosen) * (rank + 1) // world]
-            images = augment(self.cfg, self.images.take(rows[chosen]), rows[chosen], seed)
-            return images, self.labels["train"][chosen].to(self.device, non_blocking=True)
-
-        return _Prefetched(batch, count)
+        batches = [order[i * size : (i + 1) * size] for i in range(len(order) // size if full else 1)]
+        rank, world = distributed.part()  # rank r's slice of every global batch, as dataset.RankSlices
+        mine = [batch[len(batch) * rank // world : len(batch) * (rank + 1) // world] for batch in batches]
+        chosen = np.concatenate(mine)
+        params = to_device(plan(self.cfg, rows[chosen], seed), self.device)
+        labels = torch.from_numpy(self.labels[chosen])
+        labels = (labels.pin_memory() if self.device.type == "cuda" else labels).to(self.device, non_blocking=True)
+        bounds = np.cumsum([0, *(len(m) for m in mine)])
+        return _Epoch(self.images, self.images.index(rows[chosen]), params, labels, bounds)
 
     def valid_batches(self, batch_size: int) -> EvalBatches:
         rows = np.array_split(self.rows["valid"], distributed.world())[distributed.rank()]  # as distributed.shard
         return EvalBatches(self.images, rows, batch_size)
+
+
+class _Epoch:
+    """One epoch's batches: slices of the planned draws, gathered and augmented as they are asked for."""
+
+    def __init__(self, images: ResidentImages, index, params: dict, labels: torch.Tensor, bounds: np.ndarray):
+        self.images, self.index, self.params, self.labels, self.bounds = images, index, params, labels, bounds
+
+    def __len__(self) -> int:
+        return len(self.bounds) - 1
+
+    def __iter__(self):
+        from kit.train.device_augment import apply
+
+        for a, b in zip(self.bounds[:-1], self.bounds[1:], strict=True):
+            batch = {name: value[a:b] for name, value in self.params.items()}
+            yield apply(self.images.take_indexed(self.index, a, b), batch), self.labels[a:b]
 
 
 class WorkerFeed:

@@ -28,10 +28,20 @@ from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: 
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
 from kit.train import distributed
-from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state, save_weights
+from kit.train.checkpoint import (
+    BackgroundWriter,
+    load_optimizer,
+    load_training_state,
+    save_training_state,
+    save_weights,
+    snapshot,
+)
 from kit.train.runtime import autocast
 
 CHECKPOINT = "checkpoint.safetensors"
+# Measured on an H200 for efficientnet_lite0@224 (bench/RESULTS.md, "compile: auto"): about a minute of
+# compilation for a 1.8x faster training step; compile: auto compiles only where that pays back.
+COMPILE_SECONDS, COMPILE_SPEEDUP = 60.0, 1.8
 WEIGHTS = "model.safetensors"
 
 
@@ -110,11 +120,14 @@ class FoldTrainer:
             self.optimizer, warmup_cosine(updates * cfg.epochs, round(updates * cfg.warmup_epochs))
         )
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
-        forward = distributed.wrap(self.model, device)  # DistributedDataParallel under --ddp, else the model
-        self.forward = torch.compile(forward) if cfg.compile else forward
+        self.forward = distributed.wrap(self.model, device)  # DistributedDataParallel under --ddp, else the model
+        self.compiled = False
+        if cfg.compile is True:
+            self.compile()
         self.mixup = self._mixup(cfg, model)
         self.history = FoldHistory()
         self.epoch = 0
+        self.writer = BackgroundWriter()
 
     @staticmethod
     def _mixup(cfg: TrainConfig, model: torch.nn.Module):
@@ -128,6 +141,21 @@ class FoldTrainer:
             label_smoothing=cfg.label_smoothing,
             num_classes=model.num_classes,
         )
+
+    def compile(self) -> None:
+        """torch.compile the training forward (evaluation runs the eager eval_model: no second compile)."""
+        self.forward = torch.compile(self.forward)
+        self.compiled = True
+
+    def maybe_compile(self, epoch_seconds: float) -> bool:
+        """`compile: auto`: after an eager epoch on CUDA, compile when the epochs left take long enough for
+        the measured compile time (COMPILE_SECONDS) to pay back at the measured speed-up (COMPILE_SPEEDUP)."""
+        if self.cfg.compile != "auto" or self.compiled or self.device.type != "cuda":
+            return False
+        left = (self.cfg.epochs - self.epoch) * epoch_seconds
+        if left * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS:
+            self.compile()
+        return self.compiled
 
     @property
     def eval_model(self) -> torch.nn.Module:
@@ -212,30 +240,51 @@ class FoldTrainer:
         self.history = FoldHistory(meta["history"], meta["best_loss"], meta["best_epoch"])
 
     def end_epoch(self, fold_dir: Path, row: dict, valid_loss: float) -> bool:
-        """Record the epoch, keep the best weights, checkpoint; returns True to stop early."""
+        """Record the epoch, keep the best weights, checkpoint (written in the background: flush() before
+        reading them); returns True to stop early."""
         self.history.rows.append(row)
+        best = None
         if valid_loss < self.history.best_loss:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
-            if distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
-                save_weights(
-                    fold_dir / WEIGHTS,
-                    self.eval_model.state_dict(),
-                    {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)},
-                )
+            best = snapshot(self.eval_model.state_dict())
         self.epoch += 1
-        if not distributed.is_main():
+        if not distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
             return self.stopped
         parts, meta = self.state()
-        save_training_state(fold_dir / CHECKPOINT, parts, meta)
-        # after the checkpoint: an epoch history.csv shows is never lost to a kill
-        write_text(fold_dir / "history.csv", self.history.csv())
+        meta = copy.deepcopy(meta)  # the history goes on growing while the writer serialises this
+        parts = {name: part if name == "optimizer" else snapshot(part) for name, part in parts.items()}
+        parts["optimizer"] = _host_optimizer_state(parts["optimizer"])
+        history = self.history.csv()
+        best_meta = {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)}
+
+        def write() -> None:
+            if best is not None:
+                save_weights(fold_dir / WEIGHTS, best, best_meta)
+            save_training_state(fold_dir / CHECKPOINT, parts, meta)
+            # after the checkpoint: an epoch history.csv shows is never lost to a kill
+            write_text(fold_dir / "history.csv", history)
+
+        self.writer.submit(write)
         return self.stopped
+
+    def flush(self) -> None:
+        """Wait for the checkpoint being written (before reading it, and before leaving the fold)."""
+        self.writer.flush()
 
     @property
     def stopped(self) -> bool:
         """Early stopping: `patience` epochs without a better validation loss (also after a resume)."""
         patience = self.cfg.patience
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
+
+
+def _host_optimizer_state(state: dict) -> dict:
+    """The optimizer's state dict with its tensors copied to the host now (moments, step counts)."""
+    slots = {
+        i: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
+        for i, s in state["state"].items()
+    }
+    return {"state": slots, "param_groups": copy.deepcopy(state["param_groups"])}
 
 
 def evaluate(logp: np.ndarray, labels: np.ndarray) -> dict:

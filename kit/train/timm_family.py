@@ -66,16 +66,25 @@ def fit_fold(
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
     if (fold_dir / CHECKPOINT).is_file():
         trainer.resume(fold_dir / CHECKPOINT)
+    try:
+        _train_epochs(cfg, fold, trainer, feed, labels["valid"], device, fold_dir, on_epoch_end)
+    finally:  # whatever stops the fold (its end, Ctrl-C, an error), what it wrote is whole on disk
+        trainer.flush()
+
+
+def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_epoch_end) -> None:
     while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
         seed_everything(seed)
         stats = trainer.train_epoch(feed.train_epoch(seed), f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
+        stats["compiled"] = trainer.compiled
         batches = feed.valid_batches(_predict_batch(cfg, device))
         logp = predict_logp(trainer.eval_model, batches, device, trainer.normalize, ["none"], cfg.precision)
         logp = distributed.gather(logp)
-        row = {"epoch": epoch, **stats, **evaluate(logp, labels["valid"]), "lr": trainer.scheduler.get_last_lr()[0]}
+        row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
+        trainer.maybe_compile(stats["seconds"])
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:
