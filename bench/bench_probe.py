@@ -68,7 +68,7 @@ def torch_head(x: np.ndarray, y: np.ndarray, device: str):
     return m.coef_, m.intercept_, m.classes_, m.C_
 
 
-def bench_heads(root: Path, img_size: int, device: str) -> dict:
+def bench_heads(root: Path, img_size: int, device: str, names: list[str]) -> dict:
     from kit.folds import load_folds
     from kit.metrics import log_loss
     from kit.probe.family import apply_head, run_features
@@ -82,7 +82,8 @@ def bench_heads(root: Path, img_size: int, device: str) -> dict:
     y, n_classes = folds.labels, len(folds.classes)
     out = {"rows": len(x), "dim": int(x.shape[1]), "classes": n_classes, "embed_s (0: cached)": embed_s}
     heads = {"sklearn": sklearn_head, "torch": lambda a, b: torch_head(a, b, device)}
-    for name, fit in heads.items():
+    for name in names:
+        fit = heads[name]
         oof, seconds, cs = np.zeros((len(x), n_classes)), [], []
         for f in range(folds.k):
             train = folds.fold_of_row != f
@@ -136,6 +137,7 @@ def main() -> None:
     parser.add_argument("--img-size", type=int, default=128)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--part", choices=["heads", "train", "both"], default="heads")
+    parser.add_argument("--heads", default="sklearn,torch", help="which heads to fit (--part heads)")
     parser.add_argument("--threads", type=int, default=0, help="torch and BLAS threads (0: leave as they are)")
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args()
@@ -148,7 +150,7 @@ def main() -> None:
     prepare(args.root)
     out = {"device": args.device, "img_size": args.img_size, "threads": args.threads}
     if args.part in ("heads", "both"):
-        out["heads"] = bench_heads(args.root, args.img_size, args.device)
+        out["heads"] = bench_heads(args.root, args.img_size, args.device, args.heads.split(","))
     if args.part in ("train", "both"):
         out["train"] = bench_train(args.root, args.img_size, args.device)
     if args.out:

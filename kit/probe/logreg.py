@@ -94,7 +94,10 @@ def inner_split(y_index: np.ndarray, k: int = INNER_FOLDS) -> np.ndarray:
 def _inner_cv(
     x: torch.Tensor, y: torch.Tensor, y_index: np.ndarray, cs, scale: float, max_iter: int, tol: float
 ) -> tuple[float, dict[float, float], torch.Tensor]:
-    """(best C, C -> mean inner log loss, warm start for the final fit: the inner fits' mean at best C)."""
+    """(best C, C -> mean inner log loss, warm start for the final fit: the inner fits' mean at best C).
+
+    The C values stay sequential: fitting all 18 (fold, C) problems as one batch took more L-BFGS
+    iterations on the demo's features (777) than the warm-started path did in all (539)."""
     train = torch.as_tensor(inner_split(y_index), dtype=x.dtype, device=x.device)  # [F, N] row weights
     theta, losses, paths = None, {}, {}
     for c in sorted(cs):  # small C first: each solution is a good start for the next, less regularised one
@@ -160,8 +163,11 @@ def _lbfgs(
     theta = start.clone()
     n = rows.sum(1)
     weights, inv_cn = (rows / n[:, None]).T.contiguous(), 1 / (c * n)
+    # On the CPU an iteration is a pass over x, so a longer memory (fewer iterations: 394 against 539 on
+    # the demo's inner path) pays; on CUDA it is a few dozen kernel launches, two per remembered pair.
+    history = 10 if x.device.type == "cuda" else 40
     opt = torch.optim.LBFGS(
-        [theta], lr=1, max_iter=max_iter, tolerance_grad=tol, history_size=10, line_search_fn="strong_wolfe"
+        [theta], lr=1, max_iter=max_iter, tolerance_grad=tol, history_size=history, line_search_fn="strong_wolfe"
     )
 
     def closure() -> torch.Tensor:
