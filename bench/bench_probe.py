@@ -76,11 +76,12 @@ def bench_heads(root: Path, img_size: int, device: str, names: list[str]) -> dic
     folds = load_folds(root)
     run_dir = root / "runs" / f"features_{img_size}"
     run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = config(run_dir.name, img_size, device, root)
     start = time.perf_counter()
-    x, _ = run_features(config(run_dir.name, img_size, device, root), folds, run_dir)
+    x, _ = run_features(cfg, folds, run_dir)
     embed_s = time.perf_counter() - start
     y, n_classes = folds.labels, len(folds.classes)
-    out = {"rows": len(x), "dim": int(x.shape[1]), "classes": n_classes, "embed_s (0: cached)": embed_s}
+    out = {"rows": len(x), "dim": int(x.shape[1]), "classes": n_classes, "features_s": round(embed_s, 2)}
     heads = {"sklearn": sklearn_head, "torch": lambda a, b: torch_head(a, b, device)}
     for name in names:
         fit = heads[name]
