@@ -73,33 +73,27 @@ def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path) -> tuple[np.ndar
 
 
 def _fit(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
-    mean, scale = x.mean(0), x.std(0) + 1e-6  # fitted on the fold's training rows only
-    model = _logistic(cfg.vlm.probe_c, y)
-    model.fit((x - mean) / scale, y)
+    """The fold's head: standardisation fitted on its training rows only, then the logistic regression
+    (kit.probe.logreg) on the run's device; vlm.probe_c == 0 chooses C by inner CV on log loss, because
+    with few images per class and hundreds of feature dimensions a fixed C=1 gives a confidently wrong probe."""
+    from kit.probe.logreg import fit_logistic
+
+    mean, scale = x.mean(0), x.std(0) + 1e-6
+    model = fit_logistic((x - mean) / scale, y, cfg.vlm.probe_c, resolve_device(cfg.device))
     return {
         "mean": torch.from_numpy(mean.astype(np.float32)),
         "scale": torch.from_numpy(scale.astype(np.float32)),
-        "coef": torch.from_numpy(model.coef_.astype(np.float32)),
-        "intercept": torch.from_numpy(model.intercept_.astype(np.float32)),
-        "classes": torch.from_numpy(model.classes_.astype(np.int64)),
+        "coef": torch.from_numpy(model.coef_),
+        "intercept": torch.from_numpy(model.intercept_),
+        "classes": torch.from_numpy(model.classes_),
     }
-
-
-def _logistic(c: float, y: np.ndarray):
-    """A fixed C, or (c == 0) C chosen by 3-fold inner CV on log loss: with few images per class and
-    hundreds of feature dimensions a fixed C=1 gives a confidently wrong probe."""
-    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-
-    if c > 0 or np.unique(y, return_counts=True)[1].min() < 3:
-        return LogisticRegression(C=c or 1.0, max_iter=1000)
-    return LogisticRegressionCV(Cs=np.logspace(-4, 1, 6), cv=3, scoring="neg_log_loss", max_iter=1000)
 
 
 def apply_head(head: dict[str, torch.Tensor], x: np.ndarray, num_classes: int) -> np.ndarray:
     """logp [N, C]; classes absent from the fold's training rows get the clipping floor."""
     z = (x - head["mean"].numpy()) / head["scale"].numpy()
     logits = z @ head["coef"].numpy().T + head["intercept"].numpy()
-    if logits.shape[1] == 1:  # sklearn's binary form: one logit for the second class
+    if logits.shape[1] == 1:  # heads fitted by scikit-learn before issue 15: one logit for the second class
         logits = np.concatenate([np.zeros_like(logits), logits], axis=1)
     logits -= logits.max(1, keepdims=True)
     probs = np.zeros((len(x), num_classes))
