@@ -341,7 +341,7 @@ def test_bundle_csv_equals_kit_submit_for_an_ensemble_of_two_runs(ensembles, tmp
     out = tmp_path / "blend.csv"
     result = run_script(folder / "infer.py", "--images", data_dir(ensembles) / "test", "--out", out, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert "(4 model passes over the images on cpu" in result.stdout
+    assert "(4 model passes, each image decoded once at 32 px, on cpu: " in result.stdout
     assert_same_submission(out, write_submission(ensembles, "blend").path)
 
 

@@ -44,7 +44,7 @@ def readme_text(bundle: dict, requirements: list[str], estimate_lines: list[str]
         f"    python infer.py --images TEST_DIR --out submission.csv{base} [--device cpu|cuda] [--batch-size N]",
         "",
         "    --weights DIR     the weights/ folder, when it is not next to infer.py",
-        "    --workers N       image-decoding processes (default: cores, at most 8)",
+        "    --workers N       image-decoding processes (default: cores, at most 16)",
         "    --verify          only check the weights against the manifest",
     ]
     if bundle.get("base_models"):
