@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 import zipfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -329,17 +330,19 @@ def test_kaggle_dataset_folder(project, tmp_path):
 def ensembles(project) -> Path:
     """A second run, `blend` (weights of the two runs), `gated` (a fusion model with a params file),
     `outer` (weights of `gated` and `tiny`: nested, with `tiny` reached twice), a probe run (frozen
-    random test_efficientnet + logistic regression) and `featured` (stacking that also learns from the
-    probe's fold-invariant features)."""
+    random test_efficientnet + logistic regression), `featured` (stacking that also learns from the
+    probe's fold-invariant features) and `sizes` (weights of `tiny` at 32 px and `tiny_c` at 40 px)."""
     from kit.ensemble import fit_ensemble
 
     assert train_run(load_config("tiny", overrides=[*TINY, "name=tiny_b", "seed=1", "tta=[none]"]), project).complete
+    assert train_run(load_config("tiny", overrides=[*TINY, "name=tiny_c", "seed=2", "img_size=40"]), project).complete
     probe = ["family=probe", "model=test_efficientnet", "name=probe", "workers=0", "vlm.probe_c=1"]
     assert train_run(load_config(None, probe), project).complete
     fit_ensemble(project, ["tiny", "tiny_b"], name="blend", method="weights", trials=0)
     fit_ensemble(project, ["tiny", "tiny_b"], name="gated", method="gated", trials=0)
     fit_ensemble(project, ["gated", "tiny"], name="outer", method="weights", trials=0)
     fit_ensemble(project, ["tiny", "probe"], name="featured", method="stack", trials=0)
+    fit_ensemble(project, ["tiny", "tiny_c"], name="sizes", method="weights", trials=0)
     assert read_json(project / "ensembles" / "featured" / "recipe.json")["features"] == ["probe"]
     return project
 
@@ -373,6 +376,23 @@ def test_fusion_nested_probe_and_featured_ensembles_equal_kit_submit(name, passe
     assert infer_cli.main(argv, bundle_data(folder / "infer.py"), folder) == 0
     assert f"({passes} model passes" in capsys.readouterr().out  # `tiny` predicted once for `outer`
     assert_same_submission(out, write_submission(ensembles, name).path)
+
+
+def test_an_ensemble_at_two_input_sizes_decodes_each_image_once_per_size(ensembles, tmp_path, capsys, monkeypatch):
+    import kit.infer.images
+
+    result = invoke_bundle("sizes", "--root", ensembles)
+    assert result.exit_code == 0, result.output
+    folder = ensembles / "submissions" / "sizes.bundle"
+    decodes: Counter = Counter()
+    load = kit.infer.images.load_image
+    monkeypatch.setattr(kit.infer.images, "load_image", lambda path: decodes.update([Path(path).name]) or load(path))
+    out = tmp_path / "sizes.csv"
+    argv = ["--images", str(data_dir(ensembles) / "test"), "--out", str(out), "--workers", "0"]
+    assert infer_cli.main(argv, bundle_data(folder / "infer.py"), folder) == 0
+    assert "(4 model passes, each image decoded once at 32 px, 40 px, on cpu: " in capsys.readouterr().out
+    assert decodes == Counter({f"TEST_{i:05d}.png": 2 for i in range(6)})  # not once per fold model (4)
+    assert_same_submission(out, write_submission(ensembles, "sizes").path)
 
 
 # --- the weights check ---------------------------------------------------------------------------------
