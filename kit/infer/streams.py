@@ -26,6 +26,9 @@ from kit.infer.timm_predict import TimmFold, build_timm_model, raise_bad_image
 from kit.preds import mean_in_prob_space
 
 BUDGET_SHARE = 0.5  # of the free device (or host) memory that fold weights may take; the rest is activations
+# On a GPU a batch of at least this many pixels (256 images at 224 px, 87 at 384): small models at their
+# training batch would wait on kernel launches, and the activations stay near those of 256 x 224 px
+CUDA_BATCH_PIXELS = 256 * 224 * 224
 
 
 @dataclass
@@ -105,6 +108,15 @@ def fold_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
     return groups
 
 
+def stream_batch(jobs: list[Job], size: int, device: torch.device, requested: int | None) -> int:
+    """--batch-size when given, else the largest prediction batch of the members, on a GPU at least
+    CUDA_BATCH_PIXELS worth (a batch's size changes a model's outputs only by float rounding)."""
+    if requested:
+        return requested
+    batch = max(job.node["spec"]["batch_size"] for job in jobs)
+    return max(batch, CUDA_BATCH_PIXELS // (size * size)) if device.type == "cuda" else batch
+
+
 def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor], torch.Tensor]]:
     """Each job's model on the device; the folds of a run copy one architecture build."""
     from kit.infer.probe_predict import Encoder
@@ -162,7 +174,7 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
         decodes.passes[size] = len(groups)
         for g, group in enumerate(groups):
             dataset = ctx.images(paths, size) if ctx.images is not None else ImageFiles(paths, size)
-            batch = ctx.batch_size or max(job.node["spec"]["batch_size"] for job in group)
+            batch = stream_batch(group, size, ctx.device, ctx.batch_size)
             part = f" (part {g + 1}/{len(groups)})" if len(groups) > 1 else ""
             models = build(group, ctx.device)
             outs = stream(models, dataset, batch, ctx.workers, ctx.device, _desc(group, size, part))
