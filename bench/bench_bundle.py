@@ -1,7 +1,7 @@
 """The offline bundle's inference speed against kit's own, recorded in bench/RESULTS.md.
 
     python bench/bench_bundle.py                                   # CPU: resnet18 @ 224, 96 JPEGs, 2 folds, flip TTA
-    python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 --batch-size 256
+    python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192
 
 One synthetic project (a run of `--folds` fold models with random weights: speed does not depend on
 them; the decoded-image cache off, as the bundle has none) is predicted on the same folder of JPEGs:

@@ -164,6 +164,18 @@ def test_decoding_workers_give_the_same_result(setup):
     np.testing.assert_allclose(one, two, atol=1e-6, rtol=0)
 
 
+def test_chunks_from_the_workers_are_joined_into_batches_of_the_members_size(setup, monkeypatch):
+    import kit.infer.streams
+
+    chunks = [(torch.arange(r, r + n).view(n, 1), [""] * n) for r, n in ((0, 3), (3, 3), (6, 3), (9, 1))]
+    batches = list(kit.infer.streams.device_batches(chunks, 4, CPU))
+    assert [b.flatten().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    weights, paths, nodes = setup
+    monkeypatch.setattr(kit.infer.streams, "CHUNK", 2)  # batches of 3 from chunks of 2, over 2 workers
+    logp = predict_tree(nodes["b"], paths, Context(weights, CPU, workers=2))
+    np.testing.assert_allclose(logp, per_fold(nodes["b"], weights, paths), atol=1e-6, rtol=0)
+
+
 def test_kit_predict_takes_the_decode_once_path_from_the_image_cache_or_the_files(tmp_path, decodes):
     import shutil
 

@@ -13,22 +13,24 @@ budget they are split into groups, each group streaming the images once more (`D
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from kit.errors import KitError
 from kit.infer.images import ImageFiles, image_batches, prefetch_batches
 from kit.infer.progress import progress
 from kit.infer.timm_predict import TimmFold, build_timm_model, raise_bad_image
 from kit.preds import mean_in_prob_space
 
 BUDGET_SHARE = 0.5  # of the free device (or host) memory that fold weights may take; the rest is activations
-# On a GPU a batch of at least this many pixels (256 images at 224 px, 87 at 384): small models at their
-# training batch would wait on kernel launches, and the activations stay near those of 256 x 224 px
-CUDA_BATCH_PIXELS = 256 * 224 * 224
+# On a GPU a batch of at least this many pixels (512 images at 224 px, 174 at 384): small models at their
+# training batch would wait on kernel launches, and the activations stay near those of 512 x 224 px
+CUDA_BATCH_PIXELS = 512 * 224 * 224
+CHUNK = 32  # images a worker decodes per item of the loader
 
 
 @dataclass
@@ -79,7 +81,7 @@ def jobs_by_size(tree: dict, weights: Path, skip: set[str]) -> dict[int, list[Jo
         else:
             files = [(fold["fold"], weights / fold["files"]["model"]) for fold in node["folds"]]
         jobs = out.setdefault(int(node["spec"]["img_size"]), [])
-        jobs += [Job(node, fold, path, path.stat().st_size) for fold, path in files]
+        jobs += [Job(node, fold, path, path.stat().st_size if path.is_file() else 0) for fold, path in files]
     return out
 
 
@@ -88,11 +90,21 @@ def memory_budget(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * BUDGET_SHARE)
+    return int(host_available() * BUDGET_SHARE)
+
+
+def host_available() -> int:
+    """Bytes of host memory available, page cache included (Linux MemAvailable), else free pages, else 16 GiB."""
     try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        free = 16 << 30
-    return int(free * BUDGET_SHARE)
+        return 16 << 30
 
 
 def fold_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
@@ -135,16 +147,39 @@ def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor]
     return out
 
 
+def device_batches(loader, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 batches of exactly `batch_size` rows (the last one fewer) on the device, in order, from the
+    loader's chunks: each chunk is copied once, asynchronously, and joined to the others on the device."""
+    pending: list[torch.Tensor] = []
+    rows = 0
+    for images, extra in loader:
+        raise_bad_image(extra)
+        pending.append(images.to(device, non_blocking=True))
+        rows += len(images)
+        while rows >= batch_size:
+            joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+            yield joined[:batch_size]
+            pending = [joined[batch_size:]] if len(joined) > batch_size else []
+            rows -= batch_size
+    if rows:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
 @torch.inference_mode()
 def stream(models: list[Callable], dataset, batch_size: int, workers: int, device: torch.device, desc: str) -> list:
-    """Every model's outputs [N, D] float32 (numpy) over the dataset's batches, each batch decoded once."""
-    size = dataset.transform.size
-    loader = image_batches(dataset, batch_size, workers, device, prefetch_batches(batch_size, size, workers))
+    """Every model's outputs [N, D] float32 (numpy) over the dataset's batches, each image decoded once.
+
+    Workers decode chunks of at most CHUNK images, so the first batch is ready after CHUNK decodes per
+    worker rather than `batch_size`; the models see batches of `batch_size` rows all the same.
+    """
+    if not len(dataset):
+        raise KitError("no images to predict")
+    chunk = min(batch_size, CHUNK)
+    prefetch = prefetch_batches(chunk, dataset.transform.size, workers)
+    loader = image_batches(dataset, chunk, workers, device, prefetch)
     outs: list[torch.Tensor | None] = [None] * len(models)
     start = 0
-    for images, extra in progress(loader, desc):
-        raise_bad_image(extra)
-        images = images.to(device, non_blocking=True)
+    for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device):
         stop = start + len(images)
         for i, model in enumerate(models):
             y = model(images)
