@@ -144,7 +144,7 @@ def test_a_probe_encoder_shares_its_resolution_stream(setup, decodes):
     np.testing.assert_allclose(ctx.done["runs/a"], per_fold(nodes["a"], weights, paths), atol=1e-6, rtol=0)
 
 
-def test_fold_models_over_the_budget_stream_in_groups_with_the_same_result(setup, decodes):
+def test_fold_models_over_the_budget_stream_in_groups_with_the_same_result(setup, decodes, capsys):
     weights, paths, nodes = setup
     jobs = jobs_by_size(nodes["a"], weights, set())[32]
     assert [len(g) for g in fold_groups(jobs, jobs[0].nbytes)] == [1, 1]
@@ -153,6 +153,7 @@ def test_fold_models_over_the_budget_stream_in_groups_with_the_same_result(setup
     ctx = Context(weights, CPU, model_bytes=jobs[0].nbytes)  # room for one fold model at a time
     logp = predict_tree(nodes["a"], paths, ctx)
     assert decodes == Counter(dict.fromkeys(paths, 2)) and ctx.decodes.passes == {32: 2}
+    assert "note: 32 px: the weights of its 2 models (0.0 GiB) exceed " in capsys.readouterr().err
     assert ctx.decodes.describe().startswith("each image decoded 2x at 32 px (fold weights over the 0.0 GiB")
     np.testing.assert_allclose(logp, per_fold(nodes["a"], weights, paths), atol=1e-6, rtol=0)
 

@@ -13,6 +13,7 @@ budget they are split into groups, each group streaming the images once more (`D
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,13 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
     for size, jobs in by_size.items():
         groups = fold_groups(jobs, budget)
         decodes.passes[size] = len(groups)
+        if len(groups) > 1:
+            total = sum(job.nbytes for job in jobs) / 2**30
+            print(
+                f"note: {size} px: the weights of its {len(jobs)} models ({total:.1f} GiB) exceed the "
+                f"{budget / 2**30:.1f} GiB memory budget: the images are decoded {len(groups)} times",
+                file=sys.stderr,
+            )
         for g, group in enumerate(groups):
             dataset = ctx.images(paths, size) if ctx.images is not None else ImageFiles(paths, size)
             batch = stream_batch(group, size, ctx.device, ctx.batch_size)
