@@ -103,7 +103,8 @@ def stream(size: int, members: list, n: int, sample: list[str], device: torch.de
         lines.append(f"  {node['key']}: {timed.rate:.1f} images/s x {n} images x {how} = {_s(seconds)}")
     per_image = rates.decode_seconds(sample, size) if sample else 0.0
     decode = n * per_image
-    lanes = min(workers, cores)
+    # on a GPU the main process keeps a core busy launching kernels; on the CPU the formula below shares them
+    lanes = max(1, min(workers, cores - 1 if device.type == "cuda" else cores))
     if workers == 0:
         wall = decode + models  # decoded in the main process, between the batches
     elif device.type == "cuda":
@@ -111,7 +112,7 @@ def stream(size: int, members: list, n: int, sample: list[str], device: torch.de
     else:
         wall = max(decode / lanes, decode / cores + models)  # both on the CPU's cores
     start = rates.loader_start_seconds(sample, size, workers) if sample else 0.0
-    how = f"{n} images x {per_image * 1e3:.1f} ms decode / {max(lanes, 1)} workers" if sample else "decode not measured"
+    how = f"{n} images x {per_image * 1e3:.1f} ms decode / {lanes} workers" if sample else "decode not measured"
     head = f"{size} px: {how} beside {_s(models)} of model passes, + {_s(start)} workers' start = {_s(wall + start)}"
     return wall + start, [head, *lines]
 
