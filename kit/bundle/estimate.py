@@ -112,7 +112,8 @@ def stream(size: int, members: list, n: int, sample: list[str], device: torch.de
     else:
         wall = max(decode / lanes, decode / cores + models)  # both on the CPU's cores
     start = rates.loader_start_seconds(sample, size, workers) if sample else 0.0
-    how = f"{n} images x {per_image * 1e3:.1f} ms decode / {lanes} workers" if sample else "decode not measured"
+    where = f"/ {lanes} workers" if workers else "in the main process"
+    how = f"{n} images x {per_image * 1e3:.1f} ms decode {where}" if sample else "decode not measured"
     head = f"{size} px: {how} beside {_s(models)} of model passes, + {_s(start)} workers' start = {_s(wall + start)}"
     return wall + start, [head, *lines]
 
