@@ -43,10 +43,11 @@ from kit.bench import write_jpegs
 from kit.bundle.build import build_bundle
 from kit.config import load_config, to_dict
 from kit.folds import load_folds, make_folds
+from kit.images import IMAGE_SUFFIXES
+from kit.infer.images import decode_workers
 from kit.io import read_json, write_json
 from kit.predict import predict_folder
 from kit.train.checkpoint import save_weights
-from kit.train.runtime import default_workers
 from kit.train.timm_family import resolve_config
 from kit.train.timm_model import build_model
 
@@ -137,7 +138,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
     args = p.parse_args()
-    args.workers = default_workers(args.workers)
+    args.workers = decode_workers(args.workers)
     root = args.root / f"{args.model}_{args.img_size}_{args.images}_k{args.folds}"
     images = root / "data" / "test"
     if not (root / "folds" / "classes.json").is_file():
@@ -157,7 +158,33 @@ def main() -> None:
         for name in sorted(sides, reverse=bool(r % 2)):
             seconds[name].append(timed(sides[name]))
     report(args, root, seconds, float(np.abs(read_values(outs["kit"]) - read_values(outs["bundle"])).max()))
+    per_fold_path(root, images, read_values(outs["kit"]), args)
     as_a_user_runs_it(built, images, root / "fresh.csv", args)
+
+
+def per_fold_path(root: Path, images: Path, decoded_once: np.ndarray, args: argparse.Namespace) -> None:
+    """The path before decode-once, timed once: each fold model its own pass over the images
+    (TimmFold.__call__, its own loader at the run's predict batch), and its distance from kit's CSV."""
+    from kit.infer.timm_predict import TimmFold, timm_spec
+    from kit.preds import mean_in_prob_space
+    from kit.train.driver import run_config
+    from kit.train.runtime import resolve_device
+
+    cfg = run_config(root / "runs" / RUN)
+    paths = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)  # predict_folder's
+    device, spec = resolve_device(args.device), timm_spec(to_dict(cfg))
+    weights = [root / "runs" / RUN / f"fold{k}" / "model.safetensors" for k in range(args.folds)]
+    got = {}
+
+    def run() -> None:
+        got["logp"] = mean_in_prob_space(np.stack([TimmFold(spec, w, device)(paths, args.workers) for w in weights]))
+
+    seconds = timed(run)
+    diff = float(np.abs(np.exp(got["logp"].astype(np.float64)) - decoded_once).max())
+    print(
+        f"per-fold path (each fold decodes every image): {seconds:.2f} s ({args.images / seconds:.1f} test "
+        f"images/s); max |per-fold - decode-once| probability: {diff:.2e}"
+    )
 
 
 def as_a_user_runs_it(built, images: Path, out: Path, args: argparse.Namespace) -> None:
