@@ -1,18 +1,21 @@
 """The offline bundle's inference speed against kit's own, recorded in bench/RESULTS.md.
 
     python bench/bench_bundle.py                                   # CPU: resnet18 @ 224, 96 JPEGs, 2 folds, flip TTA
-    python bench/bench_bundle.py --device cuda --model convnext_base.fb_in22k_ft_in1k_384 --img-size 384 --images 2048
+    python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192
 
 One synthetic project (a run of `--folds` fold models with random weights: speed does not depend on
 them; the decoded-image cache off, as the bundle has none) is predicted on the same folder of JPEGs:
-- kit: `kit.predict.predict_folder` (what `kit predict` runs: each fold's kit predictor, fold average,
-  CSV);
+- kit: `kit.predict.predict_folder` (what `kit predict` runs: kit.infer's decode-once path over the
+  run's folds, fold average, CSV);
 - bundle: infer.py's embedded modules, unpacked and imported under their private package name, in this
   same process, through infer.py's own command line (manifest check, image matching, prediction, CSV).
 Same process, device, torch threads and DataLoader workers for both; after one untimed warm-up each,
 every round times both sides back to back (which goes first alternates). The headline ratio is kit's
 best round over the bundle's best round (>= 1: the bundle is as fast or faster); the median of the
-per-round ratios is printed beside it, as a check against a lucky round on a shared machine.
+per-round ratios is printed beside it, as a check against a lucky round on a shared machine. Both sides
+report test images per second of the whole call. Last, `python infer.py` runs once as a user runs it (a
+fresh interpreter: start-up, imports, the weights check, prediction, CSV), timed against the run-time
+estimate that `kit bundle` wrote in README.txt.
 """
 
 from __future__ import annotations
@@ -22,8 +25,11 @@ import base64
 import gzip
 import importlib
 import json
+import os
+import re
 import runpy
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,10 +43,11 @@ from kit.bench import write_jpegs
 from kit.bundle.build import build_bundle
 from kit.config import load_config, to_dict
 from kit.folds import load_folds, make_folds
+from kit.images import IMAGE_SUFFIXES
+from kit.infer.images import decode_workers
 from kit.io import read_json, write_json
 from kit.predict import predict_folder
 from kit.train.checkpoint import save_weights
-from kit.train.runtime import default_workers
 from kit.train.timm_family import resolve_config
 from kit.train.timm_model import build_model
 
@@ -48,14 +55,14 @@ RUN = "bench_run"
 CLASSES = ["class_a", "class_b", "class_c", "class_d"]
 
 
-def make_project(root: Path, n_images: int) -> Path:
-    """A small Dacon-layout competition: 4 classes x 4 training PNGs, `n_images` test JPEGs (512x384)."""
+def make_project(root: Path, n_images: int, k: int) -> Path:
+    """A small Dacon-layout competition: 4 classes x 2k training PNGs, `n_images` test JPEGs (512x384), k folds."""
     data = root / "data"
     rng = np.random.default_rng(0)
     for c, name in enumerate(CLASSES):
         folder = data / "train" / name
         folder.mkdir(parents=True, exist_ok=True)
-        for i in range(4):
+        for i in range(2 * k):
             pixels = (rng.random((4, 4, 3)) * 128 + c * 32).astype(np.uint8)
             Image.fromarray(pixels).resize((32, 32), Image.BICUBIC).save(folder / f"{i}.png")
     paths = write_jpegs(data / "test", n_images)
@@ -64,7 +71,7 @@ def make_project(root: Path, n_images: int) -> Path:
     (data / "sample_submission.csv").write_text(
         "ID," + ",".join(CLASSES) + "\n" + "".join(f"{i},{uniform}\n" for i in ids), encoding="utf-8"
     )
-    make_folds(data, root=root, k=2, workers=1)
+    make_folds(data, root=root, k=k, workers=1)
     return data / "test"
 
 
@@ -127,14 +134,15 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=-1)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--folds", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
     args = p.parse_args()
-    args.workers = default_workers(args.workers)
-    root = args.root / f"{args.model}_{args.img_size}_{args.images}"
+    args.workers = decode_workers(args.workers)
+    root = args.root / f"{args.model}_{args.img_size}_{args.images}_k{args.folds}"
     images = root / "data" / "test"
     if not (root / "folds" / "classes.json").is_file():
-        images = make_project(root, args.images)
+        images = make_project(root, args.images, args.folds)
     make_run(root, args)
     built = build_bundle(root, RUN, device=args.device)
     bundle = Bundle(built.path / "infer.py")
@@ -150,15 +158,59 @@ def main() -> None:
         for name in sorted(sides, reverse=bool(r % 2)):
             seconds[name].append(timed(sides[name]))
     report(args, root, seconds, float(np.abs(read_values(outs["kit"]) - read_values(outs["bundle"])).max()))
+    per_fold_path(root, images, read_values(outs["kit"]), args)
+    as_a_user_runs_it(built, images, root / "fresh.csv", args)
+
+
+def per_fold_path(root: Path, images: Path, decoded_once: np.ndarray, args: argparse.Namespace) -> None:
+    """The path before decode-once, timed once: each fold model its own pass over the images
+    (TimmFold.__call__, its own loader at the run's predict batch), and its distance from kit's CSV."""
+    from kit.infer.timm_predict import TimmFold, timm_spec
+    from kit.preds import mean_in_prob_space
+    from kit.train.driver import run_config
+    from kit.train.runtime import resolve_device
+
+    cfg = run_config(root / "runs" / RUN)
+    paths = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)  # predict_folder's
+    device, spec = resolve_device(args.device), timm_spec(to_dict(cfg))
+    weights = [root / "runs" / RUN / f"fold{k}" / "model.safetensors" for k in range(args.folds)]
+    got = {}
+
+    def run() -> None:
+        got["logp"] = mean_in_prob_space(np.stack([TimmFold(spec, w, device)(paths, args.workers) for w in weights]))
+
+    seconds = timed(run)
+    diff = float(np.abs(np.exp(got["logp"].astype(np.float64)) - decoded_once).max())
+    print(
+        f"per-fold path (each fold decodes every image): {seconds:.2f} s ({args.images / seconds:.1f} test "
+        f"images/s); max |per-fold - decode-once| probability: {diff:.2e}"
+    )
+
+
+def as_a_user_runs_it(built, images: Path, out: Path, args: argparse.Namespace) -> None:
+    """`python infer.py` in a fresh interpreter, timed against the README's estimate."""
+    command = [sys.executable, str(built.path / "infer.py"), "--images", str(images), "--out", str(out)]
+    command += ["--device", args.device, "--workers", str(args.workers)]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the bundle needs no kit
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"python infer.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    estimated = float(re.search(r"about ([0-9.]+) s", built.estimate).group(1))
+    print(f"python infer.py: {seconds:.2f} s ({args.images / seconds:.1f} test images/s); {result.stdout.strip()}")
+    print(f"README estimate: {built.estimate}")
+    print(f"measured / estimated: {seconds / estimated:.2f}")
 
 
 def report(args: argparse.Namespace, root: Path, seconds: dict[str, list[float]], diff: float) -> None:
     """Best of the rounds per side (the least disturbed on a shared machine) and each round's ratio."""
-    n = args.images * len(args.tta) * read_json(root / "folds" / "classes.json")["k"]
+    k = read_json(root / "folds" / "classes.json")["k"]
+    n = args.images * len(args.tta) * k
     threads = torch.get_num_threads()
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {threads} torch threads"
     print(f"device: {device}; torch {torch.__version__}; {args.workers} loader workers")
-    print(f"{args.model} @ {args.img_size} px, {args.images} JPEGs 512x384, TTA {'+'.join(args.tta)}, 2 folds")
+    print(f"{args.model} @ {args.img_size} px, {args.images} JPEGs 512x384, TTA {'+'.join(args.tta)}, {k} folds")
     print(f"| side | best of {args.rounds} rounds, s | test images/s | model forwards/s | every round, s |")
     print("|---|---|---|---|---|")
     for name, values in seconds.items():

@@ -1,4 +1,5 @@
-"""Predict arbitrary images with a run's fold models (fold average in probability space, run's TTA).
+"""Predict arbitrary images with a run's fold models (fold average in probability space, run's TTA);
+a timm run takes the offline bundle's path, each image decoded once for all its folds.
 
 predict_folder(Path("."), "efficientnet_lite0", Path("new_images"), Path("preds.csv"))
 """
@@ -7,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,6 +18,9 @@ from kit.images import IMAGE_SUFFIXES
 from kit.io import read_json, write_bytes
 from kit.preds import RUNS_DIR, mean_in_prob_space
 from kit.submit import format_csv
+
+if TYPE_CHECKING:
+    from kit.config import TrainConfig
 
 
 @dataclass
@@ -45,7 +50,31 @@ def predict_run(root: Path, run: str, paths: list[str]) -> np.ndarray:
     done = [f for f in range(k) if (run_dir / f"fold{f}" / "done.json").is_file()]
     if not done:
         raise KitError(f"{run_dir}: no finished fold to predict with")
+    if cfg.family == "timm":
+        return _predict_timm(Path(root), run, cfg, done, paths)
     return mean_in_prob_space(np.stack([family.load_predictor(cfg, run_dir, f, root)(paths) for f in done]))
+
+
+def _predict_timm(root: Path, run: str, cfg: TrainConfig, done: list[int], paths: list[str]) -> np.ndarray:
+    """The bundle's path (kit.infer.predict_tree): each image decoded once for all the fold models,
+    from the decoded-image cache when the paths are a folds table's, as the run's own predictor reads them."""
+    from kit.config import to_dict
+    from kit.infer.images import ImageFiles, decode_workers
+    from kit.infer.predict import Context, predict_tree
+    from kit.infer.timm_predict import timm_spec
+    from kit.train.loop import WEIGHTS
+    from kit.train.runtime import resolve_device
+    from kit.train.timm_family import _cache_for
+
+    folds = [{"fold": f, "files": {"model": f"{RUNS_DIR}/{run}/fold{f}/{WEIGHTS}"}} for f in done]
+    node = {"key": f"{RUNS_DIR}/{run}", "kind": "run", "name": run, "spec": timm_spec(to_dict(cfg)), "folds": folds}
+
+    def images(paths: list[str], size: int) -> ImageFiles:
+        cache, rows = _cache_for(cfg, paths, root)
+        return ImageFiles(paths, size, cache, rows)
+
+    ctx = Context(root, resolve_device(cfg.device), decode_workers(cfg.workers), images=images)
+    return predict_tree(node, paths, ctx)
 
 
 def predict_folder(root: Path, run: str, images: Path, out: Path) -> PredictSummary:

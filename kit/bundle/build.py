@@ -256,7 +256,7 @@ def build_bundle(root: Path, name: str, fmt: str = "none", device: str = "auto")
     final.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
     try:
-        lines = estimate(bundle, got, len(bundle["test"]["ids"]), device)
+        lines = estimate(bundle, got, load_folds(root).test["path"].tolist(), device)
         write_bundle_files(staging, bundle, got, lines)
         extras = []
         if fmt != "none":

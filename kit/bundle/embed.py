@@ -34,6 +34,7 @@ CORE = [
     "infer/predict.py",
     "infer/probe_predict.py",
     "infer/progress.py",
+    "infer/streams.py",
     "infer/submission.py",
     "infer/testset.py",
     "infer/timm_predict.py",

@@ -44,7 +44,7 @@ def readme_text(bundle: dict, requirements: list[str], estimate_lines: list[str]
         f"    python infer.py --images TEST_DIR --out submission.csv{base} [--device cpu|cuda] [--batch-size N]",
         "",
         "    --weights DIR     the weights/ folder, when it is not next to infer.py",
-        "    --workers N       image-decoding processes (default: cores, at most 8)",
+        "    --workers N       image-decoding processes (default: cores, at most 16)",
         "    --verify          only check the weights against the manifest",
     ]
     if bundle.get("base_models"):
@@ -56,7 +56,9 @@ def readme_text(bundle: dict, requirements: list[str], estimate_lines: list[str]
         *member_lines(bundle["root"]),
         f"{len(bundle['classes'])} classes, {len(bundle['test']['ids'])} test ids in the sample submission's order.",
         "",
-        "Estimated run time (measured images/s x test images x TTA x folds, summed over members):",
+        "Estimated run time of one run, part by part, from rates measured where the bundle was built",
+        "(start-up and imports, the weights check, model builds, decoding beside the model passes",
+        "(images/s x test images x TTA x folds), VLM members, the CSV):",
         *[f"    {line}" for line in estimate_lines],
         "",
         "Images: TEST_DIR is searched recursively and each stored test id is matched to its file (by its",

@@ -10,4 +10,8 @@ vlm.model/inputs/features for VLM members): kit/bundle/embed.py checks that clos
     predictor = TimmFold(timm_spec(config), Path("runs/tiny/fold0/model.safetensors"), device)
     logp = predictor(paths, workers=4)                     # [N, C] float32 log-probabilities
     logp = predict_tree(bundle["root"], paths, context)    # a whole run or ensemble, as kit submits it
+
+predict_tree decodes each image once per input size for all the timm fold models and probe encoders
+of the tree (streams.decode_once), and once for all the folds of a VLM member (their shared tower
+outputs); `kit predict` takes the same path for a timm run.
 """

@@ -42,7 +42,7 @@ def parser(bundle: dict) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, help="images per batch (default: each member's own)")
-    p.add_argument("--workers", type=int, default=-1, help="image-decoding processes (default: cores, at most 8)")
+    p.add_argument("--workers", type=int, default=-1, help="image-decoding processes (default: cores, at most 16)")
     p.add_argument("--verify", action="store_true", help="only check the weights against the manifest")
     return p
 
@@ -92,26 +92,29 @@ def run(args: argparse.Namespace, bundle: dict, here: Path) -> str:
 
 
 def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path, bases: dict[str, str]) -> str:
+    from kit.infer.images import decode_workers
     from kit.infer.predict import Context, predict_tree
     from kit.infer.submission import format_csv, submission_probs
     from kit.infer.testset import match_images
     from kit.io import write_bytes
-    from kit.train.runtime import default_workers, resolve_device
+    from kit.train.runtime import resolve_device
 
     start = time.perf_counter()
     rows = match_images(args.images, bundle["test"]["ids"], bundle["test"]["files"])
     if rows.note:
         print(f"note: {rows.note}", file=sys.stderr)
     device = resolve_device(args.device)
-    ctx = Context(weights, device, default_workers(args.workers), args.batch_size, bases)
+    ctx = Context(weights, device, decode_workers(args.workers), args.batch_size, bases)
     logp = predict_tree(bundle["root"], rows.paths, ctx)
     probs = submission_probs(logp, bundle["merge_groups"])
     header = [bundle["id_column"], *bundle["classes"]]
     write_bytes(args.out, format_csv(header, rows.ids, probs, bundle["bom"]))
     seconds = time.perf_counter() - start
+    decoded = ctx.decodes.describe() if ctx.decodes else ""
     return (
         f"wrote {args.out}: {len(rows.ids)} rows x {len(bundle['classes'])} classes from {bundle['name']} "
-        f"({ctx.passes} model passes over the images on {device}, {seconds:.1f} s)"
+        f"({ctx.passes} model passes{', ' + decoded if decoded else ''}, on {device}: "
+        f"{seconds:.1f} s, {len(rows.ids) / seconds:.3g} images/s)"
     )
 
 

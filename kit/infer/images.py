@@ -3,10 +3,12 @@
 A file that cannot be decoded does not raise inside a DataLoader worker (which would surface as a
 multi-line traceback); its row carries the one-line reason and `predict_logp` raises it as a KitError.
 
-    loader = image_batches(ImageFiles(paths, size=224), batch_size=64, workers=4, device=device)
+    loader = image_batches(ImageFiles(paths, size=224), batch_size=64, workers=decode_workers(-1), device=device)
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import torch
@@ -14,6 +16,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from kit.images import load_image
 from kit.preprocess import EvalTransform
+
+MAX_WORKERS = 16  # Pillow decodes ~360 photo-sized JPEGs/s per core: 16 feed a small model on a big GPU
+IN_FLIGHT_BYTES = 1 << 30  # decoded batches the workers may hold ahead (shared memory: /dev/shm is often small)
 
 
 class ImageFiles(Dataset):
@@ -45,8 +50,24 @@ class ImageFiles(Dataset):
         return self.transform(image=pixels)["image"], ""
 
 
-def image_batches(dataset: Dataset, batch_size: int, workers: int, device: torch.device) -> DataLoader:
-    """In order, pinned for CUDA, `workers` decoding processes each keeping 4 batches ahead."""
+def decode_workers(requested: int) -> int:
+    """`requested` decoding processes, or for -1 one per core the process may use, at most MAX_WORKERS."""
+    if requested >= 0:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(MAX_WORKERS, cores)
+
+
+def prefetch_batches(batch_size: int, size: int, workers: int) -> int:
+    """Batches each worker keeps ahead: 4, fewer when that would hold more than IN_FLIGHT_BYTES."""
+    batch_bytes = batch_size * 3 * size * size
+    return max(1, min(4, IN_FLIGHT_BYTES // max(1, workers * batch_bytes)))
+
+
+def image_batches(
+    dataset: Dataset, batch_size: int, workers: int, device: torch.device, prefetch: int = 4
+) -> DataLoader:
+    """In order, pinned for CUDA, `workers` decoding processes each keeping `prefetch` batches ahead."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -54,5 +75,5 @@ def image_batches(dataset: Dataset, batch_size: int, workers: int, device: torch
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
-        prefetch_factor=4 if workers else None,
+        prefetch_factor=prefetch if workers else None,
     )

@@ -5,7 +5,9 @@ fold (a probe run also its frozen encoder, whose features its heads and ensemble
 node holds its recipe.json, its params file and its members (runs or ensembles). Each fold model
 predicts every image (TTA averaged in probability space), the folds are averaged in probability space
 (kit.preds.mean_in_prob_space, as kit.train.driver.assemble does), and an ensemble applies its recipe
-to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz):
+to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz). The timm runs and probe
+encoders are predicted first, each image decoded once per resolution for all of them
+(kit.infer.streams); a VLM run's folds share its images' vision-tower outputs:
 
     ctx = Context(weights=Path("weights"), device=torch.device("cpu"), workers=4)
     logp = predict_tree(bundle["root"], paths, ctx)
@@ -13,6 +15,7 @@ to its members' averages (kit.ensemble.apply, as kit ensemble made test.npz):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +23,7 @@ import numpy as np
 import torch
 
 from kit.errors import KitError
+from kit.infer.streams import Decodes, decode_once
 from kit.preds import mean_in_prob_space
 
 
@@ -34,6 +38,10 @@ class Context:
     features: dict[str, np.ndarray] = field(default_factory=dict)  # probe run key -> its encoder's features
     passes: int = 0  # fold-model passes over the images so far (progress labels)
     total_passes: int = 0
+    # (paths, img_size) -> the ImageFiles to stream; None: decode the files (kit predict: its image cache)
+    images: Callable | None = None
+    model_bytes: int | None = None  # fold weights one stream keeps on the device; None: half the free memory
+    decodes: Decodes | None = None  # set once the timm runs and probe encoders are predicted
 
 
 def count_passes(node: dict, seen: set[str] | None = None) -> int:
@@ -49,9 +57,10 @@ def count_passes(node: dict, seen: set[str] | None = None) -> int:
 
 def predict_tree(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
     """Log-probabilities [N, C] float32 of a run or ensemble node."""
+    if ctx.decodes is None:
+        ctx.total_passes = ctx.total_passes or count_passes(node)
+        ctx.decodes = decode_once(node, paths, ctx)
     if node["key"] not in ctx.done:
-        if not ctx.total_passes:
-            ctx.total_passes = count_passes(node)
         if node["kind"] == "ensemble":
             ctx.done[node["key"]] = _ensemble(node, paths, ctx)
         else:
@@ -77,25 +86,19 @@ def probe_features(node: dict, paths: list[str], ctx: Context) -> np.ndarray:
 
 
 def _folds(node: dict, paths: list[str], ctx: Context):
-    """Each fold's log-probabilities in turn; one fold model in memory at a time."""
+    """Each fold's log-probabilities in turn (timm runs: already predicted by decode_once)."""
     family = node["spec"]["family"]
-    if family == "timm":
-        from kit.infer.timm_predict import TimmFold
-
-        for fold in node["folds"]:
-            model = TimmFold(node["spec"], ctx.weights / fold["files"]["model"], ctx.device)
-            yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
-            del model
-    elif family == "vlm":
-        from kit.infer.vlm_predict import VlmFold
+    if family == "vlm":
+        from kit.infer.vlm_predict import VlmFold, vision_cache
 
         base = ctx.base_models.get(node["name"])
         if base is None:
             raise KitError(f"{node['name']}: a VLM member needs its base model folder")
+        cache = vision_cache(node["spec"])  # the frozen tower's outputs: fold 0 decodes, the others reuse
         for fold in node["folds"]:
             files = {role: ctx.weights / rel for role, rel in fold["files"].items()}
             model = VlmFold(node["spec"], base, files, ctx.device)
-            yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx))
+            yield model(paths, ctx.workers, ctx.batch_size, desc=_label(node, fold["fold"], ctx), cache=cache)
             del model
     elif family == "probe":
         from safetensors.numpy import load_file

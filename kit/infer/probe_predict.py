@@ -23,6 +23,26 @@ from kit.preds import to_logp
 from kit.train.runtime import autocast
 
 
+class Encoder:
+    """A frozen timm encoder (num_classes=0) on `device`: a uint8 NCHW batch there -> features [B, D] float32."""
+
+    def __init__(self, model: torch.nn.Module, spec: dict, device: torch.device):
+        self.model = model.to(device).eval()
+        self.normalize = Normalizer(spec["mean"], spec["std"], channels_last=False).to(device)
+        self.device, self.precision = device, spec["precision"]
+
+    @classmethod
+    def load(cls, spec: dict, weights: Path, device: torch.device) -> Encoder:
+        model = build_timm_model({**spec, "num_classes": 0})
+        model.load_state_dict(load_safetensors(Path(weights)))
+        return cls(model, spec, device)
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision):
+            return self.model(self.normalize(images)).float()
+
+
 def encode(
     spec: dict,
     weights: Path,
@@ -33,12 +53,9 @@ def encode(
     desc: str = "encoding",
 ) -> np.ndarray:
     """Pooled features [N, D] float32 of the frozen encoder (timm with num_classes=0)."""
-    model = build_timm_model({**spec, "num_classes": 0})
-    model.load_state_dict(load_safetensors(Path(weights)))
-    return encode_with(model, spec, device, paths, workers, batch_size, desc)
+    return _encode(Encoder.load(spec, weights, device), spec, paths, workers, batch_size, desc)
 
 
-@torch.no_grad()
 def encode_with(
     model: torch.nn.Module,
     spec: dict,
@@ -48,14 +65,16 @@ def encode_with(
     batch_size: int | None = None,
     desc: str = "encoding",
 ) -> np.ndarray:
-    model = model.to(device).eval()
-    normalize = Normalizer(spec["mean"], spec["std"], channels_last=False).to(device)
+    return _encode(Encoder(model, spec, device), spec, paths, workers, batch_size, desc)
+
+
+def _encode(encoder: Encoder, spec: dict, paths: list[str], workers: int, batch_size: int | None, desc: str):
+    device = encoder.device
     loader = image_batches(ImageFiles(paths, spec["img_size"]), batch_size or spec["batch_size"], workers, device)
     out = []
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
-        with autocast(device, spec["precision"]):
-            out.append(model(normalize(images.to(device))).float().cpu())
+        out.append(encoder(images.to(device)).cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 

@@ -11,6 +11,7 @@ embeds this file, so both compute the same numbers:
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import numpy as np
@@ -135,11 +136,15 @@ def load_safetensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]
 
 
 class TimmFold:
-    """One fold's model on `device`, callable on image paths -> log-probabilities [N, C] float32."""
+    """One fold's model on `device`, callable on image paths -> log-probabilities [N, C] float32.
 
-    def __init__(self, spec: dict, weights: Path, device: torch.device):
+    `template`: an unloaded `build_timm_model(spec)` to copy instead of building the architecture
+    again: the folds of a run share it, and a copy costs a fraction of timm's weight initialisation.
+    """
+
+    def __init__(self, spec: dict, weights: Path, device: torch.device, template: torch.nn.Module | None = None):
         self.spec, self.device = spec, device
-        model = build_timm_model(spec)
+        model = build_timm_model(spec) if template is None else copy.deepcopy(template)
         try:
             model.load_state_dict(load_safetensors(Path(weights)))
         except RuntimeError as e:  # another timm version may name or shape the layers differently
@@ -148,8 +153,14 @@ class TimmFold:
             reason = (str(e).splitlines() or [""])[0][:160]
             raise KitError(f"{weights}: does not fit timm {timm.__version__}'s {spec['model']} ({reason})") from None
         channels_last = spec["channels_last"] and device.type == "cuda"
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        # eval once here: the decode-once path feeds batches to `logp` directly, with no predict_logp around it
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.eval().to(device, memory_format=memory_format)
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
+
+    def logp(self, images: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there."""
+        return tta_logp(self.model, images, self.normalize, self.spec["tta"], self.spec["precision"])
 
     def __call__(
         self,

@@ -6,12 +6,14 @@ The model and inputs are kit.vlm's own modules (model, inputs, features), embedd
 imports the training loop, so the bundle cannot embed it). transformers and peft load on first use.
 
     fold = VlmFold(spec, "models/qwen2.5-vl-3b", {"adapter_model": ..., "adapter_config": ..., "head": ...}, device)
-    logp = fold(paths, workers=4)   # [N, C] float32
+    cache = vision_cache(spec)      # the folds of a run share the frozen tower's outputs
+    logp = fold(paths, workers=4, cache=cache)   # [N, C] float32
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -20,6 +22,9 @@ import torch.nn.functional as F
 from kit.infer.progress import progress
 from kit.infer.timm_predict import load_safetensors
 from kit.train.runtime import autocast
+
+if TYPE_CHECKING:  # kit.vlm loads transformers' helpers: imported when a VLM member is predicted
+    from kit.vlm.features import VisionCache
 
 
 def logits(cfg, prompter, vl, head, images) -> torch.Tensor:
@@ -42,6 +47,18 @@ def predict_logp(cfg, prompter, vl, head, batches, device: torch.device, total: 
     return torch.cat(out).numpy().astype(np.float32)
 
 
+def vision_cache(spec: dict) -> VisionCache:
+    """Vision-tower outputs of the images, for the folds of one run to share (up to vlm.vision_cache_gb).
+
+    The tower is frozen and the LoRA adapters are confined to the language model (kit.vlm.model), so
+    the tower of every fold is the base model's: fold 0 decodes, patches and encodes each image, and the
+    other folds read its outputs, the same numbers. Rows beyond the budget are decoded again per fold.
+    """
+    from kit.vlm.features import VisionCache
+
+    return VisionCache(int(spec["config"]["vlm"]["vision_cache_gb"] * 2**30))
+
+
 class VlmFold:
     """One fold's adapter and head on the base model, callable on image paths -> logp [N, C] float32."""
 
@@ -60,11 +77,17 @@ class VlmFold:
         self.head = head.to(device)
 
     def __call__(
-        self, paths: list[str], workers: int = 0, batch_size: int | None = None, desc: str = "predicting"
+        self,
+        paths: list[str],
+        workers: int = 0,
+        batch_size: int | None = None,
+        desc: str = "predicting",
+        cache: VisionCache | None = None,
     ) -> np.ndarray:
+        """`cache`: vision_cache(spec), shared by the folds of one run over the same `paths` (rows by index)."""
         from kit.vlm.features import encoded_batches
 
         size = batch_size or self.spec["batch_size"]
-        batches = encoded_batches(self.vl, self.prompter, list(paths), np.arange(len(paths)), size, workers)
+        batches = encoded_batches(self.vl, self.prompter, list(paths), np.arange(len(paths)), size, workers, cache)
         total = -(-len(paths) // size)
         return predict_logp(self.cfg, self.prompter, self.vl, self.head, batches, self.device, total, desc)

@@ -1,0 +1,157 @@
+"""Micro-measurements for a bundle's run-time estimate, each a fraction of a second on the building machine.
+
+startup_seconds(("torch", "timm"))       # a fresh interpreter importing what infer.py imports
+hash_rate(Path("weights/x.safetensors"))  # sha256 bytes/s, one thread, reading the file
+decode_seconds(paths, 224)                # one core's seconds per image: Pillow decode + resize
+loader_start_seconds(paths, 224, 8)       # starting and stopping 8 decoding workers
+timed = time_timm_member(spec, weights, device)  # build, load, first batch, images/s
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUDGET_S = 1.0  # timing of one member's forward passes, after one warm-up batch
+HASH_BYTES = 32 << 20  # read and hashed to measure the sha256 rate
+
+
+@functools.lru_cache(maxsize=4)
+def startup_seconds(modules: tuple[str, ...]) -> float:
+    """Wall seconds of `python -c "import ..."`: the interpreter and the imports every infer.py run pays
+    before its first image (measured once per process: it does not change between bundles)."""
+    code = "; ".join(f"import {m}" for m in modules)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+    return time.perf_counter() - start
+
+
+def hash_rate(path: Path | None) -> float:
+    """sha256 bytes per second of one thread reading `path` (its first HASH_BYTES), as the manifest check."""
+    digest = hashlib.sha256()
+    start = time.perf_counter()
+    done = 0
+    if path is not None:
+        with open(path, "rb") as f:
+            while done < HASH_BYTES and (block := f.read(1 << 20)):
+                digest.update(block)
+                done += len(block)
+    if done < 4 << 20:  # small files time poorly: hash a buffer as well
+        block = bytes(4 << 20)
+        digest.update(block)
+        done += len(block)
+    return done / max(time.perf_counter() - start, 1e-9)
+
+
+def decode_seconds(paths: list[str], size: int) -> float:
+    """One core's seconds per image to decode and resize to `size` (kit.infer.images.ImageFiles)."""
+    from kit.infer.images import ImageFiles
+
+    dataset = ImageFiles(paths, size)
+    dataset[0]  # first-call costs (Pillow's plugins) are paid once per worker, not per image
+    start = time.perf_counter()  # a mean, not a median: photos of a test set differ in size
+    for i in range(len(dataset)):
+        dataset[i]
+    return (time.perf_counter() - start) / len(dataset)
+
+
+def loader_start_seconds(paths: list[str], size: int, workers: int) -> float:
+    """Seconds to start `workers` decoding processes, take one image from each and stop them, less the decode."""
+    if workers == 0:
+        return 0.0
+    from kit.infer.images import ImageFiles, image_batches
+
+    dataset = ImageFiles([paths[i % len(paths)] for i in range(workers)], size)
+    start = time.perf_counter()
+    for _ in image_batches(dataset, 1, workers, torch.device("cpu"), prefetch=1):
+        pass
+    return max(0.0, time.perf_counter() - start - decode_seconds(paths[:1], size))
+
+
+@dataclass
+class Timed:
+    build_s: float  # the architecture, once per member
+    load_s: float  # one fold's copy of it, its weights read and moved to the device
+    first_s: float  # the first batch beyond a steady one (kernel selection, lazy initialisation)
+    rate: float  # images per second through normalisation and one forward, steady
+
+
+def forward_rate(model, normalize, spec: dict, device: torch.device) -> tuple[float, float]:
+    """(images per second, extra seconds of the first batch), in the member's precision and prediction batch."""
+    from kit.infer.streams import CUDA_BATCH_PIXELS
+    from kit.train.runtime import autocast
+
+    size = spec["img_size"]
+    # the stream's batch on a GPU (kit.infer.streams.stream_batch); on the CPU the rate hardly depends on it
+    cuda_batch = max(spec["batch_size"], CUDA_BATCH_PIXELS // (size * size))
+    batch = cuda_batch if device.type == "cuda" else min(spec["batch_size"], 8)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    times = []
+    with torch.inference_mode():
+        while len(times) < 2 or (sum(times[1:]) < BUDGET_S and len(times) < 50):
+            start = time.perf_counter()
+            with autocast(device, spec["precision"]):
+                model(normalize(images))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - start)
+    steady = statistics.median(times[1:])  # a shared machine's passing load spike moves a median less
+    return batch / steady, max(0.0, times[0] - steady)
+
+
+def time_timm_member(spec: dict, weights: Path, device: torch.device) -> Timed:
+    from kit.infer.timm_predict import TimmFold, build_timm_model
+
+    start = time.perf_counter()
+    template = build_timm_model(spec)
+    built = time.perf_counter()
+    fold = TimmFold(spec, weights, device, template=template)
+    loaded = time.perf_counter()
+    rate, first = forward_rate(fold.model, fold.normalize, spec, device)
+    return Timed(built - start, loaded - built, first, rate)
+
+
+def time_probe_encoder(spec: dict, tensors: dict, device: torch.device) -> Timed:
+    from kit.infer.probe_predict import Encoder
+    from kit.infer.timm_predict import build_timm_model
+
+    start = time.perf_counter()
+    model = build_timm_model({**spec, "num_classes": 0})
+    model.load_state_dict(tensors)
+    encoder = Encoder(model, spec, device)
+    built = time.perf_counter()
+    rate, first = forward_rate(encoder.model, encoder.normalize, spec, device)
+    return Timed(built - start, 0.0, first, rate)
+
+
+@dataclass
+class TimedVlm:
+    build_s: float  # one fold: the base model loaded, its adapter merged, its head
+    first_s: float  # the first pass beyond a steady one
+    fresh_s: float  # seconds per image when decoded and through the tower (fold 0)
+    cached_s: float  # seconds per image from the shared tower outputs (the other folds)
+
+
+def time_vlm_member(spec: dict, base: str, files: dict[str, Path], device: torch.device, paths: list[str]) -> TimedVlm:
+    from kit.infer.vlm_predict import VlmFold, vision_cache
+
+    start = time.perf_counter()
+    fold = VlmFold(spec, base, files, device)
+    built = time.perf_counter()
+    fold(paths, 0, desc="timing the VLM", cache=vision_cache(spec))  # warm-up: first-call costs
+    warm = time.perf_counter()
+    cache = vision_cache(spec)
+    fold(paths, 0, desc="timing the VLM", cache=cache)  # decoded and through the tower, as fold 0
+    fresh = time.perf_counter()
+    fold(paths, 0, desc="timing the VLM", cache=cache)  # the tower's outputs reused, as the other folds
+    cached = time.perf_counter()
+    n = len(paths)
+    return TimedVlm(built - start, max(0.0, (warm - built) - (fresh - warm)), (fresh - warm) / n, (cached - fresh) / n)

@@ -1,0 +1,234 @@
+"""Decode each test image once per resolution, and feed that one batch to every model of the resolution.
+
+The timm members of a recipe tree and the probes' frozen timm encoders are grouped by input size. For
+each size one loader streams the images (workers decode, pinned memory), each uint8 batch goes to the
+device once, and every fold model with every TTA view of its member (`tta_logp`, through TimmFold.logp)
+and every encoder runs on it. Outputs stay on the device until the stream ends, so no batch waits for a
+host copy. The fold models of a size stay on the device together; when their weights exceed the memory
+budget they are split into groups, each group streaming the images once more (`Decodes` says so).
+
+    decodes = decode_once(tree, paths, ctx)   # fills ctx.done (timm runs) and ctx.features (probe encoders)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kit.errors import KitError
+from kit.infer.images import ImageFiles, image_batches, prefetch_batches
+from kit.infer.progress import progress
+from kit.infer.timm_predict import TimmFold, build_timm_model, raise_bad_image
+from kit.preds import mean_in_prob_space
+
+BUDGET_SHARE = 0.5  # of the free device (or host) memory that fold weights may take; the rest is activations
+# On a GPU a batch of at least this many pixels (512 images at 224 px, 174 at 384): small models at their
+# training batch would wait on kernel launches, and the activations stay near those of 512 x 224 px
+CUDA_BATCH_PIXELS = 512 * 224 * 224
+CHUNK = 32  # images a worker decodes per item of the loader
+
+
+@dataclass
+class Job:
+    """One fold model, or a probe's encoder (fold None), fed every batch of its resolution."""
+
+    node: dict
+    fold: int | None
+    weights: Path
+    nbytes: int  # its weights file's size: what its parameters take on the device
+
+
+@dataclass
+class Decodes:
+    """How often the images were decoded: resolution -> decode passes (more than 1: over the budget)."""
+
+    passes: dict[int, int] = field(default_factory=dict)
+    budget: int = 0
+
+    def describe(self) -> str:
+        once = [f"{size} px" for size, n in self.passes.items() if n == 1]
+        more = [f"{n}x at {size} px" for size, n in self.passes.items() if n > 1]
+        text = f"each image decoded once at {', '.join(once)}" if once else "each image decoded"
+        if more:
+            gib = self.budget / 2**30
+            text += f"{',' if once else ''} {', '.join(more)} (fold weights over the {gib:.1f} GiB memory budget)"
+        return text if self.passes else ""
+
+
+def stream_runs(node: dict, seen: dict[str, dict] | None = None) -> dict[str, dict]:
+    """The tree's timm and probe runs (a shared member once), in tree order."""
+    seen = {} if seen is None else seen
+    if node["kind"] == "ensemble":
+        for member in node["members"]:
+            stream_runs(member, seen)
+    elif node["spec"]["family"] in ("timm", "probe"):
+        seen.setdefault(node["key"], node)
+    return seen
+
+
+def jobs_by_size(tree: dict, weights: Path, skip: set[str]) -> dict[int, list[Job]]:
+    out: dict[int, list[Job]] = {}
+    for key, node in stream_runs(tree).items():
+        if key in skip:
+            continue
+        if node["spec"]["family"] == "probe":
+            files = [(None, weights / node["encoder"])]
+        else:
+            files = [(fold["fold"], weights / fold["files"]["model"]) for fold in node["folds"]]
+        jobs = out.setdefault(int(node["spec"]["img_size"]), [])
+        jobs += [Job(node, fold, path, path.stat().st_size if path.is_file() else 0) for fold, path in files]
+    return out
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes of fold weights one stream may keep on `device`: a share of its free memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * BUDGET_SHARE)
+    return int(host_available() * BUDGET_SHARE)
+
+
+def host_available() -> int:
+    """Bytes of host memory available, page cache included (Linux MemAvailable), else free pages, else 16 GiB."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 16 << 30
+
+
+def fold_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
+    """Consecutive jobs whose weights fit `budget` together (a job larger than it alone)."""
+    groups: list[list[Job]] = []
+    used = 0
+    for job in jobs:
+        if not groups or used + job.nbytes > budget:
+            groups.append([])
+            used = 0
+        groups[-1].append(job)
+        used += job.nbytes
+    return groups
+
+
+def stream_batch(jobs: list[Job], size: int, device: torch.device, requested: int | None) -> int:
+    """--batch-size when given, else the largest prediction batch of the members, on a GPU at least
+    CUDA_BATCH_PIXELS worth (a batch's size changes a model's outputs only by float rounding)."""
+    if requested:
+        return requested
+    batch = max(job.node["spec"]["batch_size"] for job in jobs)
+    return max(batch, CUDA_BATCH_PIXELS // (size * size)) if device.type == "cuda" else batch
+
+
+def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor], torch.Tensor]]:
+    """Each job's model on the device; the folds of a run copy one architecture build."""
+    from kit.infer.probe_predict import Encoder
+
+    templates: dict[str, torch.nn.Module] = {}
+    out = []
+    for job in jobs:
+        spec = job.node["spec"]
+        if job.fold is None:
+            out.append(Encoder.load(spec, job.weights, device))
+            continue
+        key = job.node["key"]
+        if key not in templates:
+            templates[key] = build_timm_model(spec)
+        out.append(TimmFold(spec, job.weights, device, template=templates[key]).logp)
+    return out
+
+
+def device_batches(loader, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 batches of exactly `batch_size` rows (the last one fewer) on the device, in order, from the
+    loader's chunks: each chunk is copied once, asynchronously, and joined to the others on the device."""
+    pending: list[torch.Tensor] = []
+    rows = 0
+    for images, extra in loader:
+        raise_bad_image(extra)
+        pending.append(images.to(device, non_blocking=True))
+        rows += len(images)
+        while rows >= batch_size:
+            joined = pending[0] if len(pending) == 1 else torch.cat(pending)
+            yield joined[:batch_size]
+            pending = [joined[batch_size:]] if len(joined) > batch_size else []
+            rows -= batch_size
+    if rows:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+@torch.inference_mode()
+def stream(models: list[Callable], dataset, batch_size: int, workers: int, device: torch.device, desc: str) -> list:
+    """Every model's outputs [N, D] float32 (numpy) over the dataset's batches, each image decoded once.
+
+    Workers decode chunks of at most CHUNK images, so the first batch is ready after CHUNK decodes per
+    worker rather than `batch_size`; the models see batches of `batch_size` rows all the same.
+    """
+    if not len(dataset):
+        raise KitError("no images to predict")
+    chunk = min(batch_size, CHUNK)
+    prefetch = prefetch_batches(chunk, dataset.transform.size, workers)
+    loader = image_batches(dataset, chunk, workers, device, prefetch)
+    outs: list[torch.Tensor | None] = [None] * len(models)
+    start = 0
+    for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device):
+        stop = start + len(images)
+        for i, model in enumerate(models):
+            y = model(images)
+            if outs[i] is None:  # shapes are known on the host: no device round trip per batch
+                outs[i] = torch.empty((len(dataset), y.shape[1]), dtype=torch.float32, device=device)
+            outs[i][start:stop] = y
+        start = stop
+    return [out.cpu().numpy() for out in outs]  # one copy per model, once the stream is done
+
+
+def _desc(jobs: list[Job], size: int, part: str) -> str:
+    names: dict[str, int] = {}
+    for job in jobs:
+        names[job.node["name"]] = names.get(job.node["name"], 0) + 1
+    what = ", ".join(f"{name} ({n} {'folds' if n > 1 else 'model'})" for name, n in names.items())
+    return f"{size} px{part}: {what}"
+
+
+def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
+    """Predict every timm run and encode every probe run of `tree` (kit.infer.predict.Context `ctx`)."""
+    by_size = jobs_by_size(tree, ctx.weights, set(ctx.done) | set(ctx.features))
+    budget = ctx.model_bytes if ctx.model_bytes is not None else memory_budget(ctx.device)
+    decodes = Decodes(budget=budget)
+    per_fold: dict[str, dict[int, np.ndarray]] = {}
+    for size, jobs in by_size.items():
+        groups = fold_groups(jobs, budget)
+        decodes.passes[size] = len(groups)
+        if len(groups) > 1:
+            total = sum(job.nbytes for job in jobs) / 2**30
+            print(
+                f"note: {size} px: the weights of its {len(jobs)} models ({total:.1f} GiB) exceed the "
+                f"{budget / 2**30:.1f} GiB memory budget: the images are decoded {len(groups)} times",
+                file=sys.stderr,
+            )
+        for g, group in enumerate(groups):
+            dataset = ctx.images(paths, size) if ctx.images is not None else ImageFiles(paths, size)
+            batch = stream_batch(group, size, ctx.device, ctx.batch_size)
+            part = f" (part {g + 1}/{len(groups)})" if len(groups) > 1 else ""
+            models = build(group, ctx.device)
+            outs = stream(models, dataset, batch, ctx.workers, ctx.device, _desc(group, size, part))
+            del models
+            for job, out in zip(group, outs, strict=True):
+                if job.fold is None:
+                    ctx.features[job.node["key"]] = out
+                else:
+                    per_fold.setdefault(job.node["key"], {})[job.fold] = out
+            ctx.passes += len(group)
+    nodes = stream_runs(tree)
+    for key, folds in per_fold.items():
+        ctx.done[key] = mean_in_prob_space(np.stack([folds[fold["fold"]] for fold in nodes[key]["folds"]]))
+    return decodes
