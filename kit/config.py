@@ -90,6 +90,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # CUDA only
+    cudnn_benchmark: bool = True  # cuDNN tries algorithms per conv shape once (lite0@224: ~30 s on an H200)
     compile: bool | str = "auto"  # auto: on CUDA, compiled after epoch 1 when its time says compiling pays
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
@@ -107,7 +108,7 @@ RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
 # compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
-RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb", "compile"}
+RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb", "compile", "cudnn_benchmark"}
 
 
 def _is_instance(value: Any, hint: Any) -> bool:

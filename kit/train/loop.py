@@ -39,9 +39,11 @@ from kit.train.checkpoint import (
 from kit.train.runtime import autocast
 
 CHECKPOINT = "checkpoint.safetensors"
-# Measured on an H200 for efficientnet_lite0@224 (bench/RESULTS.md, "compile: auto"): about a minute of
-# compilation for a 1.8x faster training step; compile: auto compiles only where that pays back.
-COMPILE_SECONDS, COMPILE_SPEEDUP = 60.0, 1.8
+# torch.compile's cost and gain for training steps: 20-60 s of compilation (60 s for efficientnet_lite0 on an
+# H200, bench/RESULTS.md) for 1.3-1.4x faster steps on large models (H100: convnext_base 1.38x, resnet50 1.42x)
+# and about none on small launch-bound ones (lite0@224 b64: ~2,400 img/s either way). compile: auto compiles
+# only where the epochs left pay that back.
+COMPILE_SECONDS, COMPILE_SPEEDUP = 60.0, 1.3
 WEIGHTS = "model.safetensors"
 
 
@@ -147,10 +149,11 @@ class FoldTrainer:
         self.forward = torch.compile(self.forward)
         self.compiled = True
 
-    def maybe_compile(self, epoch_seconds: float) -> bool:
-        """`compile: auto`: after an eager epoch on CUDA, compile when the epochs left take long enough for
-        the measured compile time (COMPILE_SECONDS) to pay back at the measured speed-up (COMPILE_SPEEDUP)."""
-        if self.cfg.compile != "auto" or self.compiled or self.device.type != "cuda":
+    def maybe_compile(self, epoch_seconds: float, epochs_done_here: int) -> bool:
+        """`compile: auto`: after the fold's second eager epoch on CUDA (the first pays cuDNN's autotuning:
+        about 30 s for lite0 on an H200), compile when the epochs left take long enough for the compile time
+        (COMPILE_SECONDS) to pay back at the speed-up (COMPILE_SPEEDUP)."""
+        if self.cfg.compile != "auto" or self.compiled or self.device.type != "cuda" or epochs_done_here != 2:
             return False
         left = (self.cfg.epochs - self.epoch) * epoch_seconds
         if left * (1 - 1 / COMPILE_SPEEDUP) > COMPILE_SECONDS:

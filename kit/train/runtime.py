@@ -43,13 +43,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_deterministic(enabled: bool) -> None:
+def set_deterministic(enabled: bool, benchmark: bool = True) -> None:
     if enabled:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = benchmark
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
@@ -63,6 +63,6 @@ def default_workers(requested: int) -> int:
 def start_fold(cfg: TrainConfig, fold: int) -> torch.device:
     """What every family does before building a fold's model: pick the device, set the determinism
     mode, and seed from (seed, fold) so the fresh head/adapter is part of the fold's recipe."""
-    set_deterministic(cfg.deterministic)
+    set_deterministic(cfg.deterministic, cfg.cudnn_benchmark)
     seed_everything(epoch_seed(cfg.seed, fold, -1))
     return resolve_device(cfg.device)

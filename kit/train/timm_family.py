@@ -73,6 +73,7 @@ def fit_fold(
 
 
 def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_epoch_end) -> None:
+    first = trainer.epoch
     while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
@@ -84,7 +85,7 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
         logp = distributed.gather(logp)
         row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
-        trainer.maybe_compile(stats["seconds"])
+        trainer.maybe_compile(stats["seconds"], trainer.epoch - first)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:
