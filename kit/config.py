@@ -108,7 +108,10 @@ RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
 # compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
-RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name", "gpu_cache_gb", "compile", "cudnn_benchmark"}
+RESUME_SAFE_KEYS = {
+    *("workers", "device", "cache", "predict_batch_size", "name"),
+    *("gpu_cache_gb", "compile", "cudnn_benchmark"),
+}
 
 
 def _is_instance(value: Any, hint: Any) -> bool:
