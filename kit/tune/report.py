@@ -55,13 +55,14 @@ def write_table(table: pd.DataFrame, path: Path) -> None:
     write_text(path, buffer.getvalue())
 
 
-def write_plot(study, table: pd.DataFrame, path: Path, title: str) -> None:
+def write_plot(study, table: pd.DataFrame, path: Path, title: str, held_out: float | None = None) -> None:
     """Optimization history (complete trials, pruned ones at their last reported loss, the best so
-    far) and, with enough complete trials, the parameters' fANOVA importances."""
+    far, the best recipe's held-out score) and, with enough complete trials, the fANOVA importances."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     importances = _importances(study)
     fig, axes = plt.subplots(1, 2 if importances else 1, figsize=(11 if importances else 6.5, 4), squeeze=False)
@@ -73,6 +74,9 @@ def write_plot(study, table: pd.DataFrame, path: Path, title: str) -> None:
         ax.step(done["trial"], done["log_loss"].cummin(), where="post", color="tab:red", label="best so far")
     if not pruned.empty:
         ax.plot(pruned["trial"], pruned["last_valid_loss"], "x", color="grey", label="pruned: last epoch's loss")
+    if held_out is not None:
+        ax.axhline(held_out, color="tab:green", linestyle="--", label="best recipe on held-out folds (honest)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("trial")
     ax.set_ylabel("log loss")
     ax.set_title(title, fontsize=10)

@@ -92,12 +92,14 @@ def tuning_folds(requested: list[int] | None, folds: Folds) -> tuple[list[int], 
     return chosen, [f for f in range(folds.k) if f not in chosen]
 
 
-def build_space(base: TrainConfig, path: Path | None, folds: Folds) -> tuple[Space, TrainConfig]:
+def build_space(
+    base: TrainConfig, path: Path | None, folds: Folds, space: Space | None = None
+) -> tuple[Space, TrainConfig]:
     """The space, and the base resolved against the folds (its input size is what the default space
     and the base-recipe trial start from)."""
     from kit.train.families import get_family
 
-    space = load_space(path, base) if path is not None else None
+    space = space or (load_space(path, base) if path is not None else None)
     resolved = get_family(base.family).resolve_config(copy.deepcopy(base), folds)
     return space or default_space(resolved), resolved
 
@@ -116,11 +118,14 @@ def run_tune(
         raise KitError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names tune/{name}/)")
     folds = load_folds(root)
     tuning, held = tuning_folds(options.folds, folds)
-    space, resolved = build_space(base, options.space, folds)
+    given = load_space(options.space, base) if options.space is not None else None  # its errors first: cheap
     out_dir = root / TUNE_DIR / name
-    out_dir.mkdir(parents=True, exist_ok=True)
     url = options.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    storage = open_storage(url)
+    if options.storage is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(url)  # before building a model: an unreachable database is named at once
+    space, resolved = build_space(base, None, folds, given)
+    out_dir.mkdir(parents=True, exist_ok=True)
     identity = {
         "space": space.as_dict(),
         "base": {k: v for k, v in to_dict(base).items() if k not in RESUME_SAFE_KEYS},
@@ -144,8 +149,9 @@ def run_tune(
     table = trials_table(study, space)
     write_table(table, out_dir / "trials.csv")
     counts = {state: int((table["state"] == state).sum()) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
-    write_plot(study, table, out_dir / "history.png", f"study {name}: tuned on folds {_folds(tuning)}")
+    title = f"study {name}: tuned on folds {_folds(tuning)}"
     if counts["COMPLETE"] == 0:
+        write_plot(study, table, out_dir / "history.png", title)
         raise KitError(f"study {name}: no trial completed ({counts}); see {out_dir / 'trials.csv'}")
 
     best = study.best_trial
@@ -158,6 +164,7 @@ def run_tune(
             progress(f"best trial {best.number} ({format_params(params)}): training it on folds {_folds(held)}")
         _train_when_free(cfg, root, held)
         held_scores = score_folds(root, root / RUNS_DIR / cfg.name, held, folds)
+    write_plot(study, table, out_dir / "history.png", title, held_scores["log_loss"] if held_scores else None)
     if options.keep == "best":
         for run in objective.finished_runs:
             if run != cfg.name:

@@ -51,13 +51,13 @@ def open_storage(url: str, attempts: int = 5):
         path = Path(url.removeprefix("sqlite:///"))
         if path.name != ":memory:" and not path.parent.is_dir():
             raise KitError(f"--storage {shown}: folder {path.parent} does not exist")
-    retry, kwarg = _retry_callback()
-    kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, kwarg: retry(max_retry=2)}
     engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait for a busy writer
     for attempt in range(attempts):
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings():  # heartbeats and retries are "experimental" since Optuna 2.8
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                retry, kwarg = _retry_callback()
+                kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, kwarg: retry(max_retry=2)}
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
         except ArgumentError as e:
             raise KitError(f"--storage {shown}: not a database URL ({_first_line(e)})") from None
