@@ -162,6 +162,28 @@ def test_a_clearly_bad_trial_is_pruned_and_its_run_removed(root):
     assert read_json(root / "tune" / "prune" / "summary.json")["held_out_folds"] == []
 
 
+# --- Ctrl-C ---------------------------------------------------------------------------------------------
+
+
+def test_an_interrupted_trial_is_resumed_from_its_last_epoch_by_the_same_call(root):
+    space = write_space(root, "lr.yaml", {"lr": {"low": 1e-3, "high": 3e-2, "log": True}})
+    options = TuneOptions(space=space, trials=1, study="ctrlc", prune=False, in_sample=True)
+    base = load_config("tiny", overrides=["tta=[none]"])
+
+    def interrupt(trial, fold, epoch, row) -> None:
+        raise KeyboardInterrupt  # as Ctrl-C would, after the first epoch's checkpoint
+
+    with pytest.raises(KeyboardInterrupt):
+        run_tune(base, root, options, interrupt)
+    history = root / "runs" / "tune-ctrlc-t000" / "fold0" / "history.csv"
+    assert pd.read_csv(history)["epoch"].tolist() == [0]
+    result = run_tune(base, root, options)
+    table = pd.read_csv(root / "tune" / "ctrlc" / "trials.csv")
+    assert table["state"].tolist() == ["FAIL", "COMPLETE"]  # the interrupted trial, queued again: not budget
+    assert table["run"].tolist() == ["tune-ctrlc-t000"] * 2 and result.run == "tune-ctrlc-t000"
+    assert pd.read_csv(history)["epoch"].tolist() == [0, 1]  # resumed from its checkpoint, not restarted
+
+
 # --- one study, two processes ---------------------------------------------------------------------------
 
 SHARED = """
@@ -251,6 +273,13 @@ def test_a_bad_space_entry_is_named(entry, needles):
     for needle in needles:
         assert needle in str(caught.value), str(caught.value)
     assert str(caught.value).startswith("space.yaml: ")
+
+
+def test_values_the_model_cannot_take_are_named_before_any_trial(root):
+    space = write_space(root, "frozen.yaml", {"freeze_groups": [0, 7]})
+    with pytest.raises(KitError, match=r"frozen\.yaml: freeze_groups=7: test_efficientnet has 7 groups"):
+        run_tune(load_config("tiny"), root, TuneOptions(space=space, study="frozen"))
+    assert not (root / "runs" / "tune-frozen-t000").exists()
 
 
 def test_dotted_vlm_keys_and_int_ranges_parse():

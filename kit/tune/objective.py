@@ -86,6 +86,12 @@ class Objective:
         except (optuna.TrialPruned, torch.cuda.OutOfMemoryError):
             remove_run(run_dir)  # nothing in it is worth keeping, and a big model's folds are large
             raise
+        except KeyboardInterrupt:
+            # Optuna fails the trial; queue it again with its run, so the same command resumes it from
+            # its last epoch, and keep it out of the budget (kit.tune.study.finished)
+            trial.set_user_attr("interrupted", True)
+            trial.study.enqueue_trial(trial.params, user_attrs={"run": cfg.name})
+            raise
         scores = score_folds(self.root, run_dir, self.folds)
         trial.set_user_attr("accuracy", scores["accuracy"])
         if cfg.lr_find:

@@ -31,7 +31,7 @@ from kit.train.driver import remove_run, train_run
 from kit.train.lock import LockBusy
 from kit.tune.objective import EpochHook, Objective, score_folds
 from kit.tune.report import format_params, trials_table, write_best, write_plot, write_table
-from kit.tune.space import Space, default_space, load_space
+from kit.tune.space import Space, check_model, default_space, load_space
 from kit.tune.study import finished, open_storage, open_study, redact, run_study
 
 TUNE_DIR = "tune"
@@ -101,7 +101,10 @@ def build_space(
 
     space = space or (load_space(path, base) if path is not None else None)
     resolved = get_family(base.family).resolve_config(copy.deepcopy(base), folds)
-    return space or default_space(resolved), resolved
+    if space is None:
+        return default_space(resolved), resolved
+    check_model(space, resolved)
+    return space, resolved
 
 
 def run_tune(

@@ -267,6 +267,22 @@ def default_space(cfg: TrainConfig) -> Space:
     return parse_space(data, "default space", cfg)
 
 
+def check_model(space: Space, cfg: TrainConfig) -> None:
+    """Values the resolved timm model cannot take: freezing all its groups, another input size for a
+    model with a fixed patch grid. Named before any trial runs instead of failing one."""
+    if cfg.family != "timm" or "model" in space.keys or {"freeze_groups", "img_size"}.isdisjoint(space.keys):
+        return  # a searched model has groups and sizes of its own: left to the trials
+    groups, fixed_size = _model_facts(cfg)
+    for p in space.params:
+        values = p.choices or (p.low, p.high)
+        if p.key == "freeze_groups" and max(values) >= groups:
+            raise KitError(
+                f"{space.source}: freeze_groups={max(values)}: {cfg.model} has {groups} groups; freeze fewer"
+            )
+        if p.key == "img_size" and fixed_size and set(values) != {cfg.img_size}:
+            raise KitError(f"{space.source}: img_size: {cfg.model} takes only {cfg.img_size} px (a fixed patch grid)")
+
+
 def _model_facts(cfg: TrainConfig) -> tuple[int, bool]:
     """The model's count of coarse parameter groups, and whether it takes only one input size."""
     from timm.models import group_modules

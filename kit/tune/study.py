@@ -142,11 +142,12 @@ def _difference(old: Any, new: Any) -> str:
 
 
 def finished(study) -> int:
-    """Trials that count towards the budget: complete, pruned or failed (a failing recipe must not
-    make the search run forever)."""
+    """Trials that count towards the budget: complete, pruned or failed (a failing recipe must not make
+    the search run forever), but not failed by Ctrl-C (queued again, they resume)."""
     from optuna.trial import TrialState
 
-    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(not t.user_attrs.get("interrupted") for t in study.get_trials(deepcopy=False, states=states))
 
 
 def run_study(
@@ -159,16 +160,16 @@ def run_study(
     """Run trials until the study holds `trials` finished ones (every process's count) or, with
     `timeout`, until no new trial may start after that many seconds. CUDA running out of memory fails
     one trial (too large an image size or batch), not the search."""
-    from optuna.study import MaxTrialsCallback
-    from optuna.trial import TrialState
+    import torch
 
     if trials is not None and finished(study) >= trials:
         return
-    callbacks = [c for c in (on_trial_end,) if c is not None]
-    if trials is not None:
-        states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-        callbacks.append(MaxTrialsCallback(trials, states=states))
-    import torch
+
+    def budget(study, trial) -> None:  # every process's trials count: the study stops when it holds enough
+        if trials is not None and finished(study) >= trials:
+            study.stop()
+
+    callbacks = [c for c in (on_trial_end, budget) if c is not None]
 
     # a collection after each trial hands a finished trial's CUDA memory back; on a CPU it only costs time
     gc = torch.cuda.is_available()
