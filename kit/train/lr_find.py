@@ -37,7 +37,7 @@ class RangeTest:
     smoothed: list[float]
     lr_min: float  # rate at the lowest smoothed loss
     lr_steep: float  # rate where the smoothed loss falls fastest per log-rate (reported, not used)
-    lr: float  # the pick: lr_min / 10, the last rate at which the loss still falls well clear of divergence
+    lr: float  # the pick: lr_min / 10 (fastai's 'minimum' suggestion; the steepest point is noisier)
     seconds: float = 0.0
 
 
@@ -55,34 +55,13 @@ def lr_range_test(
     rates rising from `start_lr` to `end_lr`; deterministic for (cfg.seed, fold) like a fold's training."""
     import torch
 
-    from kit.train.augment import train_pipeline
-    from kit.train.dataset import ImageDataset, image_cache
-    from kit.train.loop import FoldTrainer, _frozen
-    from kit.train.runtime import default_workers, start_fold
-    from kit.train.timm_family import CACHE_DIR
-    from kit.train.timm_model import build_model, freeze_groups
-
     start = time.perf_counter()
     # the schedule and EMA belong to the test, not the run; compiling would cost more than the pass
     cfg = replace(cfg, lr=start_lr, ema_decay=0.0, compile=False)
-    device = start_fold(cfg, fold)
-    model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
-    table = folds.train
-    rows = np.flatnonzero(table["fold"].to_numpy() != fold)
-    workers = default_workers(cfg.workers)
-    paths = table["path"].tolist()
-    cache = image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, max(1, workers)) if cfg.cache else None
-    dataset = ImageDataset(
-        table["path"].iloc[rows].tolist(), table["y"].to_numpy()[rows], train_pipeline(cfg, cfg.img_size), cache, rows
-    )
-    trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, max(1, len(rows) // cfg.batch_size))
+    trainer, dataset, workers = _trainer(cfg, folds, root, fold)
     growth = (end_lr / start_lr) ** (1 / max(1, num_it - 1))
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda update: growth**update)
-    trainer.model.train()
-    for module in trainer.model.modules():  # as in training: frozen stages keep their statistics
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
-            module.eval()
-
+    device = trainer.device
     lrs: list[float] = []
     losses: list[float] = []
     smoothed: list[float] = []
@@ -99,7 +78,40 @@ def lr_range_test(
         smoothed.append(average / (1 - beta ** len(lrs)))
         if len(lrs) >= num_it or not math.isfinite(smoothed[-1]) or smoothed[-1] > DIVERGED * min(smoothed):
             break
+    del trainer
+    if device.type == "cuda":  # the caller trains next (or hands the GPU to --ddp ranks): give the memory back
+        torch.cuda.empty_cache()
     return _pick(lrs, losses, smoothed, start_lr, end_lr, time.perf_counter() - start)
+
+
+def _trainer(cfg: TrainConfig, folds: Folds, root: Path, fold: int):
+    """What fit_fold builds for a fold's training rows: the model (frozen groups too), the trainer in
+    training mode, the dataset; and the loader workers."""
+    import torch
+
+    from kit.train.augment import train_pipeline
+    from kit.train.dataset import ImageDataset, image_cache
+    from kit.train.loop import FoldTrainer, _frozen
+    from kit.train.runtime import default_workers, start_fold
+    from kit.train.timm_family import CACHE_DIR
+    from kit.train.timm_model import build_model, freeze_groups
+
+    device = start_fold(cfg, fold)
+    model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
+    table = folds.train
+    rows = np.flatnonzero(table["fold"].to_numpy() != fold)
+    workers = default_workers(cfg.workers)
+    paths = table["path"].tolist()
+    cache = image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, max(1, workers)) if cfg.cache else None
+    dataset = ImageDataset(
+        table["path"].iloc[rows].tolist(), table["y"].to_numpy()[rows], train_pipeline(cfg, cfg.img_size), cache, rows
+    )
+    trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, max(1, len(rows) // cfg.batch_size))
+    trainer.model.train()
+    for module in trainer.model.modules():  # as in training: frozen stages keep their statistics
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
+            module.eval()
+    return trainer, dataset, workers
 
 
 def _passes(dataset, cfg: TrainConfig, fold: int, workers: int, device) -> Iterator[tuple[int, bool, tuple]]:
