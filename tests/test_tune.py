@@ -250,6 +250,15 @@ def test_the_default_space_covers_the_recipe_keys_and_holds_the_base_recipe():
     assert "freeze_groups" not in default_space(load_config("tiny", overrides=["img_size=32"])).keys  # random init
 
 
+def test_show_space_prints_the_default_space_as_a_space_file(root):
+    result = invoke("tune", "tiny", "--show-space", "--root", root)
+    assert result.exit_code == 0, result.output
+    printed = yaml.safe_load(result.output)
+    assert printed["img_size"] == [24, 32] and printed["lr"] == {"low": 0.0003, "high": 0.03, "log": True}
+    assert printed["epochs"] == {"low": 1, "high": 2} and "freeze_groups" not in printed  # tiny: random init
+    assert not (root / "tune" / "tiny").exists()  # only printed
+
+
 @pytest.mark.parametrize(
     "entry, needles",
     [

@@ -71,11 +71,12 @@ def tune(
     from kit.config import load_config
     from kit.folds import load_folds
     from kit.tune.search import TuneOptions, build_space, check_budget, run_tune
+    from kit.tune.space import load_space
 
     check_budget(trials, timeout)
     base = load_config(preset_or_config, list(overrides))
     if show_space:
-        built, _ = build_space(base, space, load_folds(root))
+        built, _ = build_space(base, load_folds(root), load_space(space, base) if space else None)
         click.echo(built.to_yaml(), nl=False)
         return
     options = TuneOptions(

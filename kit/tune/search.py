@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from kit.config import RESUME_SAFE_KEYS, TrainConfig, to_dict
 from kit.errors import KitError
@@ -92,19 +92,56 @@ def tuning_folds(requested: list[int] | None, folds: Folds) -> tuple[list[int], 
     return chosen, [f for f in range(folds.k) if f not in chosen]
 
 
-def build_space(
-    base: TrainConfig, path: Path | None, folds: Folds, space: Space | None = None
-) -> tuple[Space, TrainConfig]:
-    """The space, and the base resolved against the folds (its input size is what the default space
-    and the base-recipe trial start from)."""
+def build_space(base: TrainConfig, folds: Folds, space: Space | None = None) -> tuple[Space, TrainConfig]:
+    """The space (kit's default when None), and the base resolved against the folds: its input size is
+    what the default space and the base-recipe trial start from, its model what the space is checked on."""
     from kit.train.families import get_family
 
-    space = space or (load_space(path, base) if path is not None else None)
     resolved = get_family(base.family).resolve_config(copy.deepcopy(base), folds)
     if space is None:
         return default_space(resolved), resolved
     check_model(space, resolved)
     return space, resolved
+
+
+class Setup(NamedTuple):
+    name: str
+    folds: Folds
+    tuning: list[int]
+    held: list[int]
+    space: Space
+    out_dir: Path
+    url: str
+    study: Any
+
+
+def prepare(base: TrainConfig, root: Path, options: TuneOptions) -> Setup:
+    """Every check that needs no trial, cheapest first, then the study (created, or joined)."""
+    check_budget(options.trials, options.timeout)
+    name = options.study or base.name
+    if not STUDY_NAME.match(name):
+        raise KitError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names tune/{name}/)")
+    folds = load_folds(root)
+    tuning, held = tuning_folds(options.folds, folds)
+    given = load_space(options.space, base) if options.space is not None else None
+    out_dir = root / TUNE_DIR / name
+    url = options.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
+    if options.storage is None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(url)  # before building a model: an unreachable database is named at once
+    space, resolved = build_space(base, folds, given)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = {
+        "space": space.as_dict(),
+        "base": {k: v for k, v in to_dict(base).items() if k not in RESUME_SAFE_KEYS},
+        "tuning_folds": tuning,
+        "folds_sha256": folds.sha256,
+    }
+    start = space.start(resolved)
+    study = open_study(
+        storage, name, options.seed, options.prune, options.startup_trials, identity, start, options.enqueue
+    )
+    return Setup(name, folds, tuning, held, space, out_dir, url, study)
 
 
 def run_tune(
@@ -116,35 +153,7 @@ def run_tune(
 ) -> TuneResult:
     root = Path(root)
     trials = check_budget(options.trials, options.timeout)
-    name = options.study or base.name
-    if not STUDY_NAME.match(name):
-        raise KitError(f"--study {name!r}: use letters, digits, '.', '_' and '-' (it names tune/{name}/)")
-    folds = load_folds(root)
-    tuning, held = tuning_folds(options.folds, folds)
-    given = load_space(options.space, base) if options.space is not None else None  # its errors first: cheap
-    out_dir = root / TUNE_DIR / name
-    url = options.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
-    if options.storage is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url)  # before building a model: an unreachable database is named at once
-    space, resolved = build_space(base, None, folds, given)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    identity = {
-        "space": space.as_dict(),
-        "base": {k: v for k, v in to_dict(base).items() if k not in RESUME_SAFE_KEYS},
-        "tuning_folds": tuning,
-        "folds_sha256": folds.sha256,
-    }
-    study = open_study(
-        storage,
-        name,
-        options.seed,
-        options.prune,
-        options.startup_trials,
-        identity,
-        space.start(resolved),
-        options.enqueue,
-    )
+    name, folds, tuning, held, space, out_dir, url, study = prepare(base, root, options)
     write_text(out_dir / "space.yaml", f"# the space of study {name} ({space.source})\n" + space.to_yaml())
     objective = Objective(base, space, root, tuning, name, on_epoch_end)
     started = time.perf_counter()
@@ -155,12 +164,13 @@ def run_tune(
     title = f"study {name}: tuned on folds {_folds(tuning)}"
     if counts["COMPLETE"] == 0:
         write_plot(study, table, out_dir / "history.png", title)
-        raise KitError(f"study {name}: no trial completed ({counts}); see {out_dir / 'trials.csv'}")
-
+        raise KitError(
+            f"study {name}: no trial completed ({counts['PRUNED']} pruned, {counts['FAIL']} failed, "
+            f"{counts['RUNNING']} running); see {out_dir / 'trials.csv'}"
+        )
     best = study.best_trial
     params = space.suggest(_fixed(best.params))
     cfg = space.apply(base, params, best.user_attrs["run"])
-    tuning_scores = {"log_loss": best.value, "accuracy": best.user_attrs.get("accuracy")}
     held_scores = None
     if held and not options.in_sample:
         if progress:
@@ -172,6 +182,7 @@ def run_tune(
         for run in objective.finished_runs:
             if run != cfg.name:
                 remove_run(root / RUNS_DIR / run)
+    tuning_scores = {"log_loss": best.value, "accuracy": best.user_attrs.get("accuracy")}
     result = TuneResult(out_dir, name, counts, best.number, params, cfg.name, tuning, tuning_scores, held, held_scores)
     _write_outputs(result, cfg, url, time.perf_counter() - started)
     return result
