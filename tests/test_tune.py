@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -355,6 +356,10 @@ def test_lr_find_records_the_rate_in_config_json_and_a_resume_reads_it_back(root
     plan = plan_run(cfg, root)
     again = lr_find.lr_range_test(plan.cfg, plan.folds, root, num_it=8)
     assert again.losses == record["losses"] and again.lr == record["lr"]
+    # the device pipeline (CUDA's, runnable on a CPU) feeds the test as it feeds training
+    on_device = lr_find.lr_range_test(replace(plan.cfg, pipeline="device"), plan.folds, root, num_it=8)
+    assert len(on_device.lrs) == len(on_device.losses) >= 2 and np.isfinite(on_device.losses[0])
+    assert lr_find.START_LR <= on_device.lr <= lr_find.END_LR
     stamp = (run_dir / "lr_find.json").stat().st_mtime_ns
     summary = train_run(cfg, root, [1])  # the other fold: the same rate, read back, not searched again
     assert summary.complete and read_json(run_dir / "config.json")["lr"] == record["lr"]

@@ -58,7 +58,7 @@ def lr_range_test(
     start = time.perf_counter()
     # the schedule and EMA belong to the test, not the run; compiling would cost more than the pass
     cfg = replace(cfg, lr=start_lr, ema_decay=0.0, compile=False)
-    trainer, dataset, workers = _trainer(cfg, folds, root, fold)
+    trainer, feed = _trainer(cfg, folds, root, fold)
     growth = (end_lr / start_lr) ** (1 / max(1, num_it - 1))
     trainer.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda update: growth**update)
     device = trainer.device
@@ -66,7 +66,7 @@ def lr_range_test(
     losses: list[float] = []
     smoothed: list[float] = []
     average, micro = 0.0, []
-    for step, last, (images, labels) in _passes(dataset, cfg, fold, workers, device):
+    for step, last, (images, labels) in _passes(trainer, feed, cfg, fold):
         lr = trainer.optimizer.param_groups[0]["lr"]
         micro.append(float(trainer.train_step(images, labels, step, last)))
         if (step + 1) % cfg.grad_accum and not last:
@@ -78,20 +78,18 @@ def lr_range_test(
         smoothed.append(average / (1 - beta ** len(lrs)))
         if len(lrs) >= num_it or not math.isfinite(smoothed[-1]) or smoothed[-1] > DIVERGED * min(smoothed):
             break
-    del trainer
+    del trainer, feed
     if device.type == "cuda":  # the caller trains next (or hands the GPU to --ddp ranks): give the memory back
         torch.cuda.empty_cache()
     return _pick(lrs, losses, smoothed, start_lr, end_lr, time.perf_counter() - start)
 
 
 def _trainer(cfg: TrainConfig, folds: Folds, root: Path, fold: int):
-    """What fit_fold builds for a fold's training rows: the model (frozen groups too), the trainer in
-    training mode, the dataset; and the loader workers."""
-    import torch
-
-    from kit.train.augment import train_pipeline
-    from kit.train.dataset import ImageDataset, image_cache
-    from kit.train.loop import FoldTrainer, _frozen
+    """What fit_fold builds for a fold: the model (frozen groups too), its trainer, and the fold's feed
+    (the same pipeline as training: on the device under CUDA, DataLoader workers on a CPU)."""
+    from kit.train.dataset import image_cache
+    from kit.train.feed import fold_feed
+    from kit.train.loop import FoldTrainer
     from kit.train.runtime import default_workers, start_fold
     from kit.train.timm_family import CACHE_DIR
     from kit.train.timm_model import build_model, freeze_groups
@@ -99,34 +97,35 @@ def _trainer(cfg: TrainConfig, folds: Folds, root: Path, fold: int):
     device = start_fold(cfg, fold)
     model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
     table = folds.train
-    rows = np.flatnonzero(table["fold"].to_numpy() != fold)
-    workers = default_workers(cfg.workers)
+    in_fold = table["fold"].to_numpy() == fold
+    rows = {"train": np.flatnonzero(~in_fold), "valid": np.flatnonzero(in_fold)}
+    labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
     paths = table["path"].tolist()
-    cache = image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, max(1, workers)) if cfg.cache else None
-    dataset = ImageDataset(
-        table["path"].iloc[rows].tolist(), table["y"].to_numpy()[rows], train_pipeline(cfg, cfg.img_size), cache, rows
-    )
-    trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, max(1, len(rows) // cfg.batch_size))
-    trainer.model.train()
-    for module in trainer.model.modules():  # as in training: frozen stages keep their statistics
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
-            module.eval()
-    return trainer, dataset, workers
+    workers = max(1, default_workers(cfg.workers))
+    cache = image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, workers) if cfg.cache else None
+    feed = fold_feed(cfg, device, paths, cache, rows, labels)
+    steps = max(1, len(rows["train"]) // cfg.batch_size)
+    return FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps), feed
 
 
-def _passes(dataset, cfg: TrainConfig, fold: int, workers: int, device) -> Iterator[tuple[int, bool, tuple]]:
-    """(step, last step of the pass, batch) over endless seeded passes through the rows."""
-    from kit.train.dataset import make_loader
+def _passes(trainer, feed, cfg: TrainConfig, fold: int) -> Iterator[tuple[int, bool, tuple]]:
+    """(step, last step of the pass, batch) over endless seeded passes through the rows, the model in
+    training mode as train_epoch puts it (frozen stages keep their BatchNorm statistics)."""
+    import torch
+
+    from kit.train.loop import _frozen
     from kit.train.runtime import epoch_seed, seed_everything
 
+    trainer.model.train()
+    for module in trainer.model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and _frozen(module):
+            module.eval()
     for n in itertools.count():
         seed = epoch_seed(cfg.seed, fold, 10_000 + n)  # pass n's randomness, apart from every epoch's
         seed_everything(seed)
-        dataset.seed = seed
-        full = len(dataset) >= cfg.batch_size
-        loader = make_loader(dataset, cfg.batch_size, True, workers, device, seed, drop_last=full)
-        for step, batch in enumerate(loader):
-            yield step, step == len(loader) - 1, batch
+        batches = feed.train_epoch(seed)
+        for step, batch in enumerate(batches):
+            yield step, step == len(batches) - 1, batch
 
 
 def _pick(

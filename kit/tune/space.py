@@ -45,6 +45,8 @@ NOT_RECIPE = {
     "predict_batch_size": "it changes speed, not the recipe",
     "compile": "it changes speed, not the recipe",
     "channels_last": "it changes speed, not the recipe",
+    "pipeline": "it changes speed, not the recipe",
+    "gpu_cache_gb": "it changes speed, not the recipe",
 }
 RANGE_KEYS = {"low", "high", "log", "step"}
 
