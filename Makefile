@@ -20,7 +20,7 @@ IMAGES ?= $(DATA)/test
 OUT ?= submissions/$(NAME).infer.csv
 ARGS ?=
 
-.PHONY: help venv .venv test demo folds train oof-ensemble submission bundle infer gpu-check bench-e2e style quality clean
+.PHONY: help venv .venv test demo folds train tune oof-ensemble submission bundle infer gpu-check bench-e2e style quality clean
 
 help:  ## list the targets
 	@grep -E '^[a-z.-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -46,6 +46,9 @@ folds: $(STAMP)  ## kit folds DATA=dir [K=5 SEED=42]
 
 train: $(STAMP)  ## kit train PRESET=name_or_yaml [ARGS="--fold 0 --epochs 3"]
 	$(BIN)/kit train $(PRESET) $(ARGS)
+
+tune: $(STAMP)  ## kit tune PRESET=name_or_yaml [ARGS="--space space.yaml --trials 20 --folds 0,1"]
+	$(BIN)/kit tune $(PRESET) $(ARGS)
 
 oof-ensemble: $(STAMP)  ## kit ensemble RUNS="run_a run_b" NAME=blend [METHOD=auto]
 	$(BIN)/kit ensemble $(RUNS) --name $(NAME) --method $(METHOD) $(ARGS)

@@ -15,6 +15,7 @@ from kit.bundle.command import bundle as bundle_command
 from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
 from kit.options import ROOT
+from kit.tune.command import tune as tune_command
 
 
 class KitGroup(click.Group):
@@ -340,6 +341,7 @@ def demo(root, quick) -> None:
 # Stages that live in their own packages bring their own command; only click loads at start-up.
 main.add_command(ensemble_command)
 main.add_command(bundle_command)
+main.add_command(tune_command)
 
 if __name__ == "__main__":
     main()

@@ -77,6 +77,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-3
+    lr_find: bool = False  # before training, an lr range test on fold 0's training rows sets lr (config.json keeps it)
     weight_decay: float = 0.05
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
@@ -265,6 +266,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         ),
         (cfg.batch_size >= 1, "batch_size must be >= 1"),
         (cfg.lr > 0, "lr must be > 0"),
+        (not cfg.lr_find or cfg.family == "timm", "lr_find: the lr range test is for the timm family"),
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),

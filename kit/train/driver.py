@@ -105,7 +105,12 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
         raise KitError(f"--fold {bad[0]}: folds are 0..{folds.k - 1}")
     family = get_family(cfg.family)
     cfg = family.resolve_config(copy.deepcopy(cfg), folds)
-    return RunPlan(family, cfg, folds, Path(root) / RUNS_DIR / cfg.name, list(only_folds or range(folds.k)))
+    run_dir = Path(root) / RUNS_DIR / cfg.name
+    if cfg.lr_find:  # part of resolving: config.json records the rate found, and a resume reads it back
+        from kit.train.lr_find import resolve_lr
+
+        cfg.lr = resolve_lr(cfg, folds, run_dir, root)
+    return RunPlan(family, cfg, folds, run_dir, list(only_folds or range(folds.k)))
 
 
 def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
