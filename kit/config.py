@@ -91,7 +91,9 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # CUDA only
-    cudnn_benchmark: bool = True  # cuDNN tries algorithms per conv shape once (lite0@224: ~30 s on an H200)
+    # cuDNN timing its algorithms per conv shape: ~30 s of the first epoch for lite0@224 on an H200, and no
+    # faster steps after it (2,979 img/s without, about 2,650 with): off unless a model shows it pays
+    cudnn_benchmark: bool = False
     compile: bool | str = "auto"  # auto: on CUDA, compiled after epoch 1 when its time says compiling pays
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower

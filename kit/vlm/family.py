@@ -50,7 +50,8 @@ def resolve_config(cfg: TrainConfig, folds: Folds) -> TrainConfig:
 
     from kit.vlm.inputs import is_grid_model
 
-    unused = [k for k in ("ema_decay", "mixup", "cutmix", "compile") if getattr(cfg, k)]
+    # compile: auto means "where it pays", which for the vlm family is nowhere; only an explicit true is refused
+    unused = [k for k in ("ema_decay", "mixup", "cutmix") if getattr(cfg, k)] + ["compile"] * (cfg.compile is True)
     if unused:  # silently ignoring them would mislead: say so once, before any model is loaded
         raise KitError(f"{', '.join(unused)}: not used by the vlm family; set them to 0 / false")
     cfg.num_classes = len(folds.classes)
