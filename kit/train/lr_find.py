@@ -87,25 +87,10 @@ def lr_range_test(
 def _trainer(cfg: TrainConfig, folds: Folds, root: Path, fold: int):
     """What fit_fold builds for a fold: the model (frozen groups too), its trainer, and the fold's feed
     (the same pipeline as training: on the device under CUDA, DataLoader workers on a CPU)."""
-    from kit.train.dataset import image_cache
-    from kit.train.feed import fold_feed
-    from kit.train.loop import FoldTrainer
-    from kit.train.runtime import default_workers, start_fold
-    from kit.train.timm_family import CACHE_DIR
-    from kit.train.timm_model import build_model, freeze_groups
+    from kit.train.timm_family import fold_trainer
 
-    device = start_fold(cfg, fold)
-    model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
-    table = folds.train
-    in_fold = table["fold"].to_numpy() == fold
-    rows = {"train": np.flatnonzero(~in_fold), "valid": np.flatnonzero(in_fold)}
-    labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
-    paths = table["path"].tolist()
-    workers = max(1, default_workers(cfg.workers))
-    cache = image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, workers) if cfg.cache else None
-    feed = fold_feed(cfg, device, paths, cache, rows, labels)
-    steps = max(1, len(rows["train"]) // cfg.batch_size)
-    return FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps), feed
+    trainer, feed, _ = fold_trainer(cfg, folds, fold, root)
+    return trainer, feed
 
 
 def _passes(trainer, feed, cfg: TrainConfig, fold: int) -> Iterator[tuple[int, bool, tuple]]:

@@ -47,14 +47,9 @@ def _cache_for(cfg: TrainConfig, paths: list[str], root: Path) -> tuple[np.ndarr
     return None, None  # images from elsewhere (kit predict --images) are decoded as they come
 
 
-def fit_fold(
-    cfg: TrainConfig,
-    folds: Folds,
-    fold: int,
-    fold_dir: Path,
-    root: Path,
-    on_epoch_end: Callable[[int, dict], None] | None = None,
-) -> None:
+def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple[FoldTrainer, object, dict]:
+    """What a fold trains with: its fresh model (frozen groups too) in a FoldTrainer, the fold's feed (on the
+    device under CUDA, DataLoader workers on a CPU) and the labels of its training and validation rows."""
     device = start_fold(cfg, fold)
     model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
     table = folds.train
@@ -63,7 +58,19 @@ def fit_fold(
     labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
     feed = fold_feed(cfg, device, table["path"].tolist(), _cached(cfg, table["path"].tolist(), root), rows, labels)
     steps = max(1, len(rows["train"]) // cfg.batch_size)
-    trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
+    return FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps), feed, labels
+
+
+def fit_fold(
+    cfg: TrainConfig,
+    folds: Folds,
+    fold: int,
+    fold_dir: Path,
+    root: Path,
+    on_epoch_end: Callable[[int, dict], None] | None = None,
+) -> None:
+    trainer, feed, labels = fold_trainer(cfg, folds, fold, root)
+    device = trainer.device
     if (fold_dir / CHECKPOINT).is_file():
         trainer.resume(fold_dir / CHECKPOINT)
     try:
