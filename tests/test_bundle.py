@@ -283,11 +283,12 @@ def test_bundle_csv_equals_kit_submit_for_a_timm_run_in_about_the_estimated_time
     assert result.stdout.strip().startswith(f"wrote {out}: 6 rows x 3 classes from tiny")
     assert_same_submission(out, expected)
     assert not list(out.parent.glob(".*tmp"))  # written atomically: no temporary file left
-    # the README's estimate counts what the run pays (start-up and imports dominate here); a factor of 2
-    # either way, as a busy 2-core machine's load may change between the estimate and the run
+    # the README's estimate counts what the run pays (start-up and imports dominate here); a factor of 3
+    # either way, as a busy 2-core machine's load may change between the estimate and the run (the 30%
+    # target is measured on a quiet machine: bench/bench_bundle.py)
     estimated = float(re.search(r"about ([0-9.]+) s on cpu", built.output).group(1))
     print(f"python infer.py: {seconds:.2f} s, estimated {estimated:.2f} s, ratio {seconds / estimated:.2f}")
-    assert 0.5 <= seconds / estimated <= 2.0
+    assert 1 / 3 <= seconds / estimated <= 3.0
 
 
 def test_dacon_submit_zip_runs_as_the_server_would(tiny_bundle, project, tmp_path, monkeypatch):
