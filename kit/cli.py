@@ -14,6 +14,7 @@ import click
 from kit.bundle.command import bundle as bundle_command
 from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
+from kit.infer.progress import logged_bars
 from kit.options import ROOT
 
 
@@ -23,7 +24,8 @@ class KitGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with logged_bars():  # a log file gets a progress line every few seconds, not every redraw
+                return super().invoke(ctx)
         except KitError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
@@ -80,6 +82,11 @@ def main() -> None:
     help="Thumbnail correlation that confirms a hash match as a near-duplicate.",
 )
 @click.option("--workers", type=int, help="Processes decoding images (default: all cores).")
+@click.option(
+    "--exclude",
+    type=click.Path(path_type=Path),
+    help="CSV with an id column (e.g. an edited audits/NAME/label_issues.csv): training images to leave out.",
+)
 @ROOT
 def folds(
     data_dir,
@@ -98,6 +105,7 @@ def folds(
     max_distance,
     min_similarity,
     workers,
+    exclude,
     root,
 ) -> None:
     """Make stratified, de-duplicated K folds.
@@ -109,7 +117,9 @@ def folds(
     from kit.folds import make_folds
 
     options = LayoutOptions(layout, sample, train_csv, test_csv, train_dir, test_dir, id_col, label_col)
-    s = make_folds(data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, min_similarity, workers)
+    s = make_folds(
+        data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, min_similarity, workers, exclude
+    )
     for line in s.skipped:
         click.echo(f"skipped: {line}", err=True)
     if s.duplicate_pairs_train_test:
@@ -127,7 +137,8 @@ def folds(
     click.echo(
         f"wrote {root / 'folds'}: {s.n_train} train rows in {s.k} folds, {s.n_test} test rows, "
         f"{s.n_groups} groups ({s.duplicate_pairs_train} near-duplicate pairs in train), "
-        f"sha256 {s.sha256[:12]}"
+        + (f"{len(s.excluded)} excluded (--exclude), " if s.excluded else "")
+        + f"sha256 {s.sha256[:12]}"
     )
 
 
