@@ -348,6 +348,58 @@ def demo(root, quick) -> None:
     )
 
 
+@main.command()
+@click.argument("name")
+@click.option(
+    "--min-share",
+    default=0.2,
+    show_default=True,
+    help="A merge candidate is confused both ways, each way at least this share of its class's images.",
+)
+@click.option("--sheet-size", default=30, show_default=True, help="Images on each contact sheet.")
+@click.option("--workers", type=int, help="Processes decoding images for the near-duplicate check (default: all).")
+@ROOT
+def audit(name, min_share, sheet_size, workers, root) -> None:
+    """Find suspect labels, confusable classes and near-duplicates from a run's or ensemble's OOF.
+
+    NAME is a run or an ensemble made from the current folds. Writes audits/NAME/: label_issues.csv
+    (cleanlab, most suspect first), confusable_pairs.csv, merge_candidates.json (for kit folds
+    --merge-classes), duplicates.csv (twins across labels and across train/test) and contact sheets.
+    Drop suspect images with kit folds --exclude audits/NAME/label_issues.csv (edited to the rows to drop).
+    """
+    from kit.audit import audit as run_audit
+
+    s = run_audit(root, name, min_share, sheet_size, workers)
+    click.echo(
+        f"wrote {s.path}: {s.label_issues} suspect labels of {s.rows} images, {s.confusable_pairs} confusable "
+        f"class pairs ({s.merge_candidates} merge candidates), {s.across_labels} near-duplicate pairs across "
+        f"labels, {s.train_test} train/test"
+    )
+
+
+@main.command("runs")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list of objects.")
+@ROOT
+def runs_command(as_json, root) -> None:
+    """List every run and ensemble, best CV log loss first.
+
+    Name, family, model, image size, epochs, folds done / K, CV log loss and accuracy, wall time, date and
+    the config keys that differ from the run's preset; runs made from other folds are marked stale.
+    """
+    import json
+
+    from kit.runs_table import format_table, list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    click.echo(format_table(rows))
+    n_runs = sum(r["kind"] == "run" for r in rows)
+    stale = sum(r["stale"] for r in rows)
+    click.echo(f"{n_runs} runs and {len(rows) - n_runs} ensembles under {root} ({stale} stale)")
+
+
 # Stages that live in their own packages bring their own command; only click loads at start-up.
 main.add_command(ensemble_command)
 main.add_command(bundle_command)
