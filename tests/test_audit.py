@@ -91,6 +91,7 @@ def noisy_digits(tmp_path_factory):
     return root, {f"{classes[noisy[i]]}/{i:04d}" for i in flipped}
 
 
+@pytest.mark.slow
 def test_planted_label_noise_is_found(noisy_digits):
     root, flipped = noisy_digits
     with warnings.catch_warnings():
@@ -117,6 +118,7 @@ def test_planted_label_noise_is_found(noisy_digits):
     assert png.width > 400 and png.height > 400
 
 
+@pytest.mark.slow
 def test_twin_classes_become_merge_candidates(tmp_path):
     """Half of the 1s filed as a second class, "digit 1 (2019)": the OOF cannot tell them apart."""
     from sklearn.datasets import load_digits
@@ -130,7 +132,8 @@ def test_twin_classes_become_merge_candidates(tmp_path):
     write_cv_run(tmp_path, "lda", x)
     result = CliRunner().invoke(main, ["audit", "lda", "--root", str(tmp_path), "--workers", "2"])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"wrote {tmp_path / 'audits' / 'lda'}: ") and "(1 merge candidates)" in result.output
+    assert result.output.startswith(f"wrote {tmp_path / 'audits' / 'lda'}: ")
+    assert "(1 merge candidates)" in result.output
     out = tmp_path / "audits" / "lda"
     pairs = pd.read_csv(out / "confusable_pairs.csv")
     top = pairs.iloc[0]
@@ -139,11 +142,8 @@ def test_twin_classes_become_merge_candidates(tmp_path):
     assert top["confusions"] == top["a_predicted_as_b"] + top["b_predicted_as_a"]
     assert json.loads((out / "merge_candidates.json").read_text()) == [["digit 1", "digit 1 (2019)"]]
     # the file is what kit folds --merge-classes reads; then the twins are one class and no pair is left
-    result = CliRunner().invoke(
-        main,
-        ["folds", str(tmp_path / "data"), "-k", "4", "--seed", "0", "--root", str(tmp_path / "merged")]
-        + ["--merge-classes", str(out / "merge_candidates.json"), "--workers", "2"],
-    )
+    merged = ["--root", str(tmp_path / "merged"), "--merge-classes", str(out / "merge_candidates.json")]
+    result = CliRunner().invoke(main, ["folds", str(tmp_path / "data"), "-k", "4", "--seed", "0", *merged])
     assert result.exit_code == 0, result.output
     assert load_folds(tmp_path / "merged").merge_groups == [[1, 4]]
     write_cv_run(tmp_path / "merged", "lda", x)
