@@ -107,8 +107,8 @@ def test_planted_label_noise_is_found(noisy_digits):
     top_n, top_2n = issues["id"].head(n), issues["id"].head(2 * n)
     precision = top_n.isin(flipped).mean()
     recall = top_2n.isin(flipped).sum() / n
-    assert precision >= 0.5, precision  # measured: 0.91
-    assert recall >= 0.7, recall  # measured: 0.93
+    assert precision >= 0.5, precision  # measured: 0.89 (80 of 90)
+    assert recall >= 0.7, recall  # measured: 0.92 (83 of 90)
     assert issues["score"].is_monotonic_increasing  # most suspect (lowest p(given)) first
     assert (issues["given_label"] != issues["suggested_label"]).all()
     # a flipped digit's suggestion is mostly its true class, which its file name records
