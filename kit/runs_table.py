@@ -23,6 +23,7 @@ from kit.preds import ENSEMBLES_DIR, RUNS_DIR
 
 # filled in by kit from the model and the folds when the preset leaves them empty: not a user's choice
 RESOLVED_KEYS = {"name", "num_classes", "mean", "std", "img_size"}
+SHOWN_KEYS = {"family", "model"}  # columns of the table already
 
 
 def _read(path: Path) -> dict:
@@ -73,13 +74,18 @@ def config_changes(config: dict, preset: str | None) -> list[str]:
     mine = _flat({k: v for k, v in config.items() if k not in RUN_RECORD_KEYS})
     changes = []
     for key in sorted(mine):
-        if key in RESUME_SAFE_KEYS:
+        if key in RESUME_SAFE_KEYS or key in SHOWN_KEYS:
             continue
         if key in RESOLVED_KEYS and base.get(key) in (0, [], "", None):
             continue
         if key in base and mine[key] != base[key]:
-            changes.append(f"{key}={mine[key]}")
+            changes.append(f"{key}={_setting(mine[key])}")
     return changes
+
+
+def _setting(value: Any) -> str:
+    """A value as `--set` takes it: lists as [a,b]."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
 
 def _stale(record: dict, folds: dict | None) -> bool:
