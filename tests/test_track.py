@@ -101,23 +101,26 @@ def test_without_tensorboard_the_run_goes_on_with_one_notice(project, tmp_path):
 
 
 def test_a_logged_run_writes_lines_not_redraws(project, tmp_path):
-    """A 5-epoch fold with stderr to a file: a few progress lines, not a redraw per batch."""
+    """A 5-epoch fold with its output to a file (`kit train ... > log 2>&1`): a few lines, not a redraw per batch."""
     root = tmp_path / "logged"
     root.mkdir()
     (root / "folds").symlink_to(project / "folds")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "KIT_PROGRESS_SECONDS": "1"}
-    env.pop("TQDM_MININTERVAL", None)
+    for key in ("TQDM_MININTERVAL", "TQDM_DELAY"):
+        env.pop(key, None)
     log = tmp_path / "train.log"
     command = [sys.executable, "-m", "kit.cli", "train", "tiny", "--epochs", "5", "--batch-size", "4", "--fold", "0"]
-    with open(log, "w") as stderr:
-        done = subprocess.run(
-            [*command, "--set", "workers=0", "--root", str(root)], stderr=stderr, env=env, timeout=300
-        )
+    with open(log, "w") as out:
+        done = subprocess.run([*command, "--set", "workers=0", "--root", str(root)], stdout=out, stderr=out, env=env)
     assert done.returncode == 0
     text = log.read_text()
-    # measured before (tqdm.auto, 0.1 s redraws): XX KB for this run; now about 1 KB
-    assert len(text.encode()) < 6000, text
-    assert text.count("\n") >= 1 and all(len(line) < 200 for line in text.splitlines())
+    # measured on 2 busy cores: 3.7 KB before (tqdm.auto, a redraw every 0.1 s), 1.6 KB now, 0.4 KB once
+    # kit/train/loop.py's bar is progress_bar too
+    assert len(text.encode()) < 3000, text
+    lines = text.splitlines()  # \r counts as a line break here: a redraw is a line
+    assert lines[-1].startswith(f"wrote {root / 'runs' / 'tiny'}: folds [0] of 2 done")
+    # the progress lines themselves depend on the machine's pace (test_progress_in_a_log_... pins them)
+    assert all(len(line) < 200 for line in lines)
 
 
 def test_progress_in_a_log_is_a_line_per_interval(monkeypatch):
