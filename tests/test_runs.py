@@ -130,3 +130,23 @@ def test_resolved_and_runtime_keys_are_not_changes():
     cfg = to_dict(load_config("tiny"))
     cfg.update(num_classes=396, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2], device="cuda", workers=8)
     assert preset_of(cfg) == "tiny" and config_changes(cfg, "tiny") == []
+
+
+def test_kit_runs_and_kit_audit_import_no_torch(project):
+    """Listing runs is instant: no torch, timm or transformers (kit audit needs none of them either)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from kit.cli import main\n"
+        "try:\n"
+        f"    main(['runs', '--root', {str(project)!r}], standalone_mode=False)\n"
+        "finally:\n"
+        "    import kit.audit.run\n"
+        "    heavy = ('torch', 'timm', 'transformers', 'peft', 'albumentations', 'optuna')\n"
+        "    print('HEAVY', sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "HEAVY []" in done.stdout.splitlines()
