@@ -14,6 +14,7 @@ import click
 from kit.bundle.command import bundle as bundle_command
 from kit.ensemble.command import ensemble as ensemble_command
 from kit.errors import KitError
+from kit.infer.progress import logged_bars
 from kit.options import ROOT
 from kit.tune.command import tune as tune_command
 
@@ -24,7 +25,8 @@ class KitGroup(click.Group):
 
     def invoke(self, ctx: click.Context):
         try:
-            return super().invoke(ctx)
+            with logged_bars():  # a log file gets a progress line every few seconds, not every redraw
+                return super().invoke(ctx)
         except KitError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
@@ -81,6 +83,11 @@ def main() -> None:
     help="Thumbnail correlation that confirms a hash match as a near-duplicate.",
 )
 @click.option("--workers", type=int, help="Processes decoding images (default: all cores).")
+@click.option(
+    "--exclude",
+    type=click.Path(path_type=Path),
+    help="CSV with an id column (e.g. an edited audits/NAME/label_issues.csv): training images to leave out.",
+)
 @ROOT
 def folds(
     data_dir,
@@ -99,6 +106,7 @@ def folds(
     max_distance,
     min_similarity,
     workers,
+    exclude,
     root,
 ) -> None:
     """Make stratified, de-duplicated K folds.
@@ -110,7 +118,9 @@ def folds(
     from kit.folds import make_folds
 
     options = LayoutOptions(layout, sample, train_csv, test_csv, train_dir, test_dir, id_col, label_col)
-    s = make_folds(data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, min_similarity, workers)
+    s = make_folds(
+        data_dir, root, k, seed, options, merge_classes, skip_bad, max_distance, min_similarity, workers, exclude
+    )
     for line in s.skipped:
         click.echo(f"skipped: {line}", err=True)
     if s.duplicate_pairs_train_test:
@@ -128,7 +138,8 @@ def folds(
     click.echo(
         f"wrote {root / 'folds'}: {s.n_train} train rows in {s.k} folds, {s.n_test} test rows, "
         f"{s.n_groups} groups ({s.duplicate_pairs_train} near-duplicate pairs in train), "
-        f"sha256 {s.sha256[:12]}"
+        + (f"{len(s.excluded)} excluded (--exclude), " if s.excluded else "")
+        + f"sha256 {s.sha256[:12]}"
     )
 
 
@@ -336,6 +347,58 @@ def demo(root, quick) -> None:
         f"wrote {root}: submission {root / 'submissions' / 'demo.csv'}, "
         f"test-split log loss {report.test_split['log_loss']:.4f}"
     )
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--min-share",
+    default=0.2,
+    show_default=True,
+    help="A merge candidate is confused both ways, each way at least this share of its class's images.",
+)
+@click.option("--sheet-size", default=30, show_default=True, help="Images on each contact sheet.")
+@click.option("--workers", type=int, help="Processes decoding images for the near-duplicate check (default: all).")
+@ROOT
+def audit(name, min_share, sheet_size, workers, root) -> None:
+    """Find suspect labels, confusable classes and near-duplicates from a run's or ensemble's OOF.
+
+    NAME is a run or an ensemble made from the current folds. Writes audits/NAME/: label_issues.csv
+    (cleanlab, most suspect first), confusable_pairs.csv, merge_candidates.json (for kit folds
+    --merge-classes), duplicates.csv (twins across labels and across train/test) and contact sheets.
+    Drop suspect images with kit folds --exclude audits/NAME/label_issues.csv (edited to the rows to drop).
+    """
+    from kit.audit import audit as run_audit
+
+    s = run_audit(root, name, min_share, sheet_size, workers)
+    click.echo(
+        f"wrote {s.path}: {s.label_issues} suspect labels of {s.rows} images, {s.confusable_pairs} confusable "
+        f"class pairs ({s.merge_candidates} merge candidates), {s.across_labels} near-duplicate pairs across "
+        f"labels, {s.train_test} train/test"
+    )
+
+
+@main.command("runs")
+@click.option("--json", "as_json", is_flag=True, help="Print the rows as a JSON list of objects.")
+@ROOT
+def runs_command(as_json, root) -> None:
+    """List every run and ensemble, best CV log loss first.
+
+    Name, family, model, image size, epochs, folds done / K, CV log loss and accuracy, wall time, date and
+    the config keys that differ from the run's preset; runs made from other folds are marked stale.
+    """
+    import json
+
+    from kit.runs_table import format_table, list_runs
+
+    rows = list_runs(root)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, ensure_ascii=False))
+        return
+    click.echo(format_table(rows))
+    n_runs = sum(r["kind"] == "run" for r in rows)
+    stale = sum(r["stale"] for r in rows)
+    click.echo(f"{n_runs} runs and {len(rows) - n_runs} ensembles under {root} ({stale} stale)")
 
 
 # Stages that live in their own packages bring their own command; only click loads at start-up.

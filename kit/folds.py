@@ -4,7 +4,8 @@
     folds = load_folds(Path("."))   # what every later stage reads
 
 Writes folds/train.csv (id,path,label,fold,group), folds/test.csv (id,path) and folds/classes.json
-(class order, equivalence groups, K, seed, the sha256 of train.csv). Same inputs, byte-identical files.
+(class order, equivalence groups, K, seed, the sha256 of train.csv, the training ids left out with
+--exclude). Same inputs, byte-identical files.
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import os
 import warnings
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
 from kit.data import Competition, LayoutOptions, check_classes, read_competition, read_sample_submission
 from kit.dedup import find_near_duplicates, group_ids
 from kit.errors import KitError
 from kit.images import ImageInfo, inspect_image
+from kit.infer.progress import progress_bar
 from kit.io import read_json, sha256_file, staged_dir, write_json, write_text
 
 FOLDS_DIR = "folds"
@@ -63,6 +64,7 @@ class FoldsSummary:
     skipped: list[str]
     small_classes: list[str]
     sha256: str
+    excluded: list[str] = field(default_factory=list)  # training ids left out (--exclude)
 
 
 def inspect_all(paths: Sequence[Path], workers: int | None = None, desc: str = "checking images") -> list:
@@ -70,9 +72,35 @@ def inspect_all(paths: Sequence[Path], workers: int | None = None, desc: str = "
     workers = workers or os.cpu_count() or 1
     bar = {"total": len(paths), "desc": desc, "unit": "img", "leave": False}
     if workers == 1 or len(paths) < 64:
-        return [inspect_image(p) for p in tqdm(paths, **bar)]
+        return [inspect_image(p) for p in progress_bar(paths, **bar)]
     with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(inspect_image, paths, chunksize=32), **bar))
+        return list(progress_bar(pool.map(inspect_image, paths, chunksize=32), **bar))
+
+
+def signatures(infos: Sequence[ImageInfo]) -> tuple[np.ndarray, np.ndarray]:
+    """Perceptual hashes [N] and grey thumbnails [N, 1024] of decoded images: what near-duplicates are
+    found from (here and by kit audit, which lists the pairs)."""
+    hashes = np.array([i.phash for i in infos], dtype=np.uint64)
+    thumbs = np.array([np.frombuffer(i.thumb, np.uint8) for i in infos]).reshape(len(infos), -1)
+    return hashes, thumbs
+
+
+def read_exclude(path: Path, train_ids: Sequence[str]) -> list[str]:
+    """The training ids listed in the `id` column of a CSV (kit audit's label_issues.csv, edited to the rows
+    to drop, or any CSV with an id column), in training-table order; an id that is not a training image
+    is refused with its row."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (OSError, ValueError) as e:
+        raise KitError(f"{path}: cannot read the CSV of ids to exclude ({str(e).splitlines()[0]})") from None
+    if "id" not in table.columns:
+        raise KitError(f"{path}: no 'id' column (columns: {', '.join(map(str, table.columns))})")
+    known = set(train_ids)
+    for row, value in enumerate(table["id"], start=2):  # row 1 is the header
+        if value not in known:
+            raise KitError(f"{path}: row {row}: id {value!r} is not a training image")
+    wanted = set(table["id"])
+    return [i for i in train_ids if i in wanted]
 
 
 def _split_bad(paths: Sequence[Path], infos: list) -> tuple[np.ndarray, list[str]]:
@@ -130,6 +158,7 @@ def make_folds(
     max_distance: int = 8,
     min_similarity: float = 0.99,
     workers: int | None = None,
+    exclude: Path | None = None,
 ) -> FoldsSummary:
     if k < 2:
         raise KitError(f"-k {k}: need at least 2 folds")
@@ -139,6 +168,10 @@ def make_folds(
         sample = read_sample_submission(options.sample or Path(data_dir).resolve() / "sample_submission.csv")
         merge_names = read_merge_groups(merge_classes, sample.classes)
     comp = read_competition(data_dir, options, merge_names)
+    excluded = read_exclude(exclude, comp.train["id"].tolist()) if exclude is not None else []
+    where = str(data_dir) + (f" (after --exclude {exclude})" if excluded else "")
+    if excluded:  # dropped before decoding: an excluded image is never read
+        comp.train = comp.train[~comp.train["id"].isin(excluded)].reset_index(drop=True)
 
     train_paths = [comp.data_dir / p for p in comp.train["path"]]
     test_paths = [comp.data_dir / p for p in comp.test["path"]]
@@ -154,15 +187,11 @@ def make_folds(
         raise KitError(f"{bad_train[0]} ({len(bad_train)} bad training images; --skip-bad drops them)")
     train = comp.train[good].reset_index(drop=True)
     train_info = [info for info, ok in zip(train_info, good, strict=True) if ok]
-    check_classes(train, comp.sample, str(data_dir), merge_names)
+    check_classes(train, comp.sample, where, merge_names)
 
-    hashes = [np.array([i.phash for i in info], dtype=np.uint64) for info in (train_info, test_info)]
-    thumbs = [
-        np.array([np.frombuffer(i.thumb, np.uint8) for i in info]).reshape(len(info), -1)
-        for info in (train_info, test_info)
-    ]
-    pairs = find_near_duplicates(hashes[0], thumbs[0], max_distance=max_distance, min_similarity=min_similarity)
-    cross = find_near_duplicates(hashes[0], thumbs[0], hashes[1], thumbs[1], max_distance, min_similarity)
+    (train_hashes, train_thumbs), (test_hashes, test_thumbs) = signatures(train_info), signatures(test_info)
+    pairs = find_near_duplicates(train_hashes, train_thumbs, max_distance=max_distance, min_similarity=min_similarity)
+    cross = find_near_duplicates(train_hashes, train_thumbs, test_hashes, test_thumbs, max_distance, min_similarity)
     train["group"] = group_ids(len(train), pairs)
     labels = train["label"].map({c: i for i, c in enumerate(comp.classes)}).to_numpy()
     train["fold"] = assign_folds(labels, train["group"].to_numpy(), k, seed)
@@ -178,7 +207,16 @@ def make_folds(
         seed,
         {"max_hamming_distance": max_distance, "min_thumbnail_similarity": min_similarity},
         FoldsSummary(
-            len(train), len(comp.test), k, int(train["group"].nunique()), len(pairs), len(cross), bad_train, small, ""
+            len(train),
+            len(comp.test),
+            k,
+            int(train["group"].nunique()),
+            len(pairs),
+            len(cross),
+            bad_train,
+            small,
+            "",
+            excluded,
         ),
         cross_label_pairs=int((labels[pairs[:, 0]] != labels[pairs[:, 1]]).sum()),
     )
@@ -224,6 +262,7 @@ def _write_folds(
                     "pairs_train_test": summary.duplicate_pairs_train_test,
                 },
                 "skipped_images": summary.skipped,
+                "excluded_ids": summary.excluded,
             },
         )
     return summary

@@ -111,7 +111,9 @@ def one_error_line(output: str, exit_code: int, *needles: str) -> str:
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes, but TensorBoard's event files (runs/<run>/tb/, named by time and pid, one per process)."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and "tb" not in p.relative_to(folder).parts)
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in files}
 
 
 # --- bad input to `kit folds` ----------------------------------------------------------------------------

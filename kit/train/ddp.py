@@ -23,6 +23,7 @@ from kit.config import TrainConfig
 from kit.errors import KitError
 from kit.folds import load_folds
 from kit.io import temporaries
+from kit.track import fold_log
 from kit.train.driver import RunSummary, assemble, finish_fold, plan_run, run_config, write_config
 from kit.train.families import get_family
 from kit.train.launch import Worker, run_workers, take_share
@@ -82,7 +83,8 @@ def rank_main(run_dir: Path, root: Path, fold_ids: list[int]) -> None:
             fold_dir = run_dir / f"fold{fold}"
             start = time.perf_counter()
             fold_dir.mkdir(parents=True, exist_ok=True)
-            family.fit_fold(cfg, folds, fold, fold_dir, root)
+            with fold_log(run_dir, fold) as log:  # rank 0 alone writes the event file, as the history
+                family.fit_fold(cfg, folds, fold, fold_dir, root, log if distributed.is_main() else None)
             if distributed.is_main():
                 finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start)
             distributed.barrier()

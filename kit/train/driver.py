@@ -26,6 +26,7 @@ from kit.folds import Folds, load_folds
 from kit.io import read_json, temporaries, write_json
 from kit.metrics import score
 from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_space, save_predictions
+from kit.track import chain, fold_log
 from kit.train.families import get_family
 from kit.train.lock import RunLock
 
@@ -116,7 +117,8 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
 def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
     start = time.perf_counter()
     fold_dir.mkdir(parents=True, exist_ok=True)
-    family.fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end)
+    with fold_log(fold_dir.parent, fold) as log:  # runs/<run>/tb/fold<k>/ for TensorBoard
+        family.fit_fold(cfg, folds, fold, fold_dir, root, chain(log, on_epoch_end))
     finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start)
 
 

@@ -18,10 +18,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from kit.config import TrainConfig
 from kit.errors import KitError
+from kit.infer.progress import progress_bar
 from kit.train.driver import RunPlan
 
 POLL_S = 0.25
@@ -70,7 +69,7 @@ def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
             running.append((worker, proc, log))
         n_folds, epochs = len(plan.fold_ids), plan.cfg.epochs
         done, _ = progress(plan.run_dir, plan.fold_ids, epochs)
-        with tqdm(total=n_folds * epochs, initial=done, desc=desc, unit="epoch") as bar:
+        with progress_bar(total=n_folds * epochs, initial=done, desc=desc, unit="epoch", leave=True) as bar:
             while True:
                 codes = [proc.poll() for _, proc, _ in running]
                 done, folds_done = progress(plan.run_dir, plan.fold_ids, epochs)

@@ -17,9 +17,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from kit.config import TrainConfig
+from kit.infer.progress import progress_bar
 from kit.io import write_text
 from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state
 from kit.train.loop import CHECKPOINT, FoldHistory, warmup_cosine
@@ -78,7 +78,7 @@ class LoraTrainer:
         """One pass: loss_fn(batch) -> (loss, n_rows) for each batch of `batches`."""
         self.train(True)
         loss_sum, count, start = torch.zeros((), device=self.device), 0, time.perf_counter()
-        bar = tqdm(total=total, desc=desc, unit="batch", leave=False)
+        bar = progress_bar(total=total, desc=desc, unit="batch")
         for step, batch in enumerate(batches):
             with autocast(self.device, self.cfg.precision):
                 loss, n = loss_fn(batch)
