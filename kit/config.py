@@ -83,7 +83,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 off; else e.g. 0.999 and predictions use the EMA weights
     grad_accum: int = 1
     clip_grad: float = 0.0
-    patience: int = 0  # early stopping on validation log loss; 0 off
+    patience: int = 0  # early stopping on validation log loss; 0 off (it watches the fold's own OOF rows)
+    epoch_choice: str = "last"  # last: the schedule's final weights (honest OOF) | best: lowest valid loss (optimistic)
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -92,7 +93,9 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
     # prediction
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # views of TTA_VIEWS, averaged
+    # views of TTA_VIEWS averaged at prediction; [auto]: the views that lower the OOF log loss, chosen
+    # cross-fitted at the end of the run (kit.train.tta_choice) among all eight, or among those listed after it
+    tta: list[str] = field(default_factory=lambda: ["auto"])
     predict_batch_size: int = 0  # 0: 2 x batch_size
     vlm: VLMConfig = field(default_factory=VLMConfig)
 
@@ -101,7 +104,7 @@ class TrainConfig:
 TTA_VIEWS = ("none", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
 
 # What runs/<run>/config.json records beside the config itself; dropped when it is read back as a config.
-RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
+RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version", "tta_requested")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
 RESUME_SAFE_KEYS = {"workers", "device", "cache", "predict_batch_size", "name"}
@@ -261,7 +264,8 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-        (bool(cfg.tta) and all(t in TTA_VIEWS for t in cfg.tta), f"tta items: {', '.join(TTA_VIEWS)}"),
+        (_tta_ok(cfg.tta), f"tta: a list of {', '.join(TTA_VIEWS)}, or auto (optionally followed by candidates)"),
+        (cfg.epoch_choice in ("last", "best"), "epoch_choice must be last or best"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
         (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),
@@ -277,6 +281,33 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.vlm.probe_c >= 0, "vlm.probe_c must be >= 0 (0: chosen by inner CV)"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _tta_ok(tta: list[str]) -> bool:
+    views = tta[1:] if tta[:1] == ["auto"] else tta
+    return (bool(views) or tta == ["auto"]) and all(t in TTA_VIEWS for t in views) and len(set(views)) == len(views)
+
+
+def tta_candidates(tta: list[str]) -> list[str] | None:
+    """The views `tta: [auto, ...]` chooses among (none always one of them); None for a fixed list."""
+    if tta[:1] != ["auto"]:
+        return None
+    listed = set(tta[1:]) or set(TTA_VIEWS)
+    return [v for v in TTA_VIEWS if v in listed or v == "none"]
+
+
+def cautions(cfg: TrainConfig) -> list[str]:
+    """Settings that run but bend the honesty of the OOF score; `kit train` prints them as warnings."""
+    notes = []
+    if cfg.patience:
+        notes.append(
+            f"patience={cfg.patience}: early stopping decides on the fold's own validation rows, which become its "
+            "OOF rows, so the CV is a little optimistic"
+            + ("; it also cuts the cosine schedule before its end" if cfg.epoch_choice == "last" else "")
+        )
+    if cfg.epoch_choice == "best":
+        notes.append("epoch_choice=best: each fold keeps the epoch its own OOF rows liked best; the CV is optimistic")
+    return notes
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:
