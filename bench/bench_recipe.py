@@ -47,8 +47,15 @@ def run_kit(root: Path, data, args) -> dict:
     quick = {"model": args.model, "epochs": args.epochs, "img_size": args.img_size, "device": args.device}
     cfg = load_config(None, [*args.set, f"name={args.name}"], quick)
     start = time.perf_counter()
-    summary = train_run(cfg, root)
+    summary = train_run(cfg, root, args.fold or None)
     seconds = time.perf_counter() - start
+    if not summary.complete:  # --fold: a quick comparison on some folds' validation rows, no submission
+        plain = {f: s["log_loss"] for f, s in summary.fold_scores.items()}
+        return {
+            "folds": plain,
+            "views": {f: s.get("views_log_loss") for f, s in summary.fold_scores.items()},
+            "seconds": round(seconds, 1),
+        }
     submission = write_submission(root, args.name).path
     classes = load_folds(root).classes
     sub = pd.read_csv(submission, encoding="utf-8-sig")
@@ -124,6 +131,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--set", action="append", default=[], help="extra kit config KEY=VALUE (repeatable)")
     parser.add_argument("--name", default="default", help="run name (one per --set variant)")
+    parser.add_argument("--fold", type=int, action="append", default=[], help="train only these folds (no test score)")
     parser.add_argument("--no-plain", action="store_true", help="skip the plain loop")
     parser.add_argument("--no-kit", action="store_true", help="skip kit")
     args = parser.parse_args()
@@ -134,6 +142,12 @@ def main() -> None:
     if not args.no_kit:
         results["kit"] = run_kit(root, data, args)
         k = results["kit"]
+        if "folds" in k:
+            print(
+                f"kit {' '.join(args.set) or 'defaults'}: fold log loss (plain view) {k['folds']}, views {k['views']}"
+            )
+            print(json.dumps(results))
+            return
         views = "+".join(k["tta"]["views"]) if k["tta"] else "fixed"
         print(
             f"kit {' '.join(args.set) or 'defaults'}: CV {k['cv']['log_loss']:.4f}, TTA {views}, "

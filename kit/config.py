@@ -65,8 +65,10 @@ class TrainConfig:
     mean: list[float] = field(default_factory=list)  # empty: the model's own
     std: list[float] = field(default_factory=list)
     rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.5
-    vflip: float = 0.0
+    # flip probabilities, or auto: a short probe run decides from the data (kit.train.symmetry)
+    hflip: float | str = "auto"
+    vflip: float | str = "auto"
+    rot90: float | str = "auto"  # a random quarter turn (1, 2 or 3)
     color_jitter: float = 0.0  # probability of a brightness/contrast/saturation jitter
     coarse_dropout: float = 0.0  # probability of cutting out random rectangles
     cache: bool = True  # decoded images resized once into a uint8 memory map shared by folds and runs
@@ -252,8 +254,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.img_size >= 0, "img_size must be >= 0 (0: the model's own)"),
         (
-            all(0 <= p <= 1 for p in (cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.coarse_dropout)),
-            "hflip, vflip, color_jitter and coarse_dropout are probabilities in [0, 1]",
+            all(_probability(p, auto=True) for p in (cfg.hflip, cfg.vflip, cfg.rot90))
+            and all(_probability(p) for p in (cfg.color_jitter, cfg.coarse_dropout)),
+            "hflip, vflip, rot90 (each also auto), color_jitter and coarse_dropout are probabilities in [0, 1]",
         ),
         (
             cfg.mixup >= 0 and cfg.cutmix >= 0 and 0 <= cfg.label_smoothing < 1,
@@ -264,7 +267,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
-        (_tta_ok(cfg.tta), f"tta: a list of {', '.join(TTA_VIEWS)}, or auto (optionally followed by candidates)"),
+        (
+            _tta_ok(cfg.tta),
+            f"tta items: {', '.join(TTA_VIEWS)}; or auto, optionally followed by the views it may choose",
+        ),
         (cfg.epoch_choice in ("last", "best"), "epoch_choice must be last or best"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
@@ -281,6 +287,10 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.vlm.probe_c >= 0, "vlm.probe_c must be >= 0 (0: chosen by inner CV)"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _probability(value: float | str, auto: bool = False) -> bool:
+    return (auto and value == "auto") or (not isinstance(value, str) and 0 <= value <= 1)
 
 
 def _tta_ok(tta: list[str]) -> bool:

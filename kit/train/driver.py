@@ -28,6 +28,7 @@ from kit.metrics import score
 from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_space, save_predictions
 from kit.train.families import get_family
 from kit.train.lock import RunLock
+from kit.train.symmetry import resolve_flips
 from kit.train.tta_choice import VIEWS_FILE, TTAChoice, average_views, choose_tta, load_views, save_views, view_log_loss
 
 RUN_META_KEYS = RUN_RECORD_KEYS
@@ -111,7 +112,9 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
         raise KitError(f"--fold {bad[0]}: folds are 0..{folds.k - 1}")
     family = get_family(cfg.family)
     cfg = family.resolve_config(copy.deepcopy(cfg), folds)
-    return RunPlan(family, cfg, folds, Path(root) / RUNS_DIR / cfg.name, list(only_folds or range(folds.k)))
+    run_dir = Path(root) / RUNS_DIR / cfg.name
+    cfg = resolve_flips(cfg, family, folds, run_dir, Path(root))  # `auto` flips: a short probe run decides
+    return RunPlan(family, cfg, folds, run_dir, list(only_folds or range(folds.k)))
 
 
 def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:
