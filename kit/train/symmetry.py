@@ -29,7 +29,7 @@ FLIP_KEYS = ("hflip", "vflip", "rot90")
 SYMMETRY_FILE = "symmetry.json"
 ON = 0.5  # the probability a free flip is applied with
 KEEP = 0.5  # a view is free when it loses at most this share of what the probe learned
-MIN_LEARNED = 0.1  # the probe must beat the class prior by this share of its log loss, or nothing is decided
+MIN_LEARNED = 0.05  # the probe must beat the class prior by this share of its log loss, or nothing is decided
 
 
 def probe_epochs(epochs: int) -> int:
