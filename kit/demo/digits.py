@@ -22,13 +22,14 @@ def render_digit(glyph: np.ndarray, rng: np.random.Generator, size: int = 64) ->
 
     # background: a smooth random colour field, like the light and texture of a photo
     field = Image.fromarray((rng.random((4, 4, 3)) * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
-    background = np.asarray(field, dtype=np.float64) * 0.6 + rng.uniform(40, 120)
+    light = rng.random() < 0.5  # light paper and dark ink, or the other way round: the digit always readable
+    background = np.asarray(field, dtype=np.float64) * 0.35 + (150 if light else 20)
     side = int(rng.uniform(0.55, 0.8) * size)
     ink = Image.fromarray((glyph / 16 * 255).astype(np.uint8)).resize((side, side), Image.BICUBIC)
     mask = np.zeros((size, size))
     top, left = rng.integers(0, size - side + 1, 2)
     mask[top : top + side, left : left + side] = np.asarray(ink, dtype=np.float64) / 255
-    colour = rng.uniform(0, 255, 3)
+    colour = rng.uniform(0, 70, 3) if light else rng.uniform(185, 255, 3)
     pixels = background * (1 - mask[..., None]) + colour * mask[..., None]
     pixels += rng.normal(0, 8, pixels.shape)  # sensor noise
     return np.clip(pixels, 0, 255).astype(np.uint8)
