@@ -226,7 +226,7 @@ def train(
     PRESET_OR_CONFIG is a shipped preset (see `kit presets`) or a YAML file; quick flags and --set
     override it. Writes runs/NAME/ with fold weights, oof.npz and test.npz.
     """
-    from kit.config import load_config
+    from kit.config import cautions, load_config
     from kit.train.driver import train_run
 
     quick = {
@@ -246,6 +246,8 @@ def train(
         family, _, target = model.partition(":") if model.startswith(("vlm:", "probe:")) else ("timm", "", model)
         quick.update(family=family, model=target)
     cfg = load_config(preset_or_config, list(overrides), quick)
+    for note in cautions(cfg):
+        click.echo(f"warning: {note}", err=True)
     if gpus and ddp:
         raise click.UsageError("--gpus and --ddp: choose one (folds in parallel, or each fold over several GPUs)")
     if gpus:
@@ -259,8 +261,11 @@ def train(
     else:
         s = train_run(cfg, root, list(only_folds) or None)
     if s.complete:
+        tta = ""
+        if s.tta:  # tta: auto: the figure with the chosen views is cross-fitted; the plain view's beside it
+            tta = f" (TTA {'+'.join(s.tta['views'])}, cross-fitted; {s.tta['cv_none']['log_loss']:.4f} with none alone)"
         click.echo(
-            f"wrote {s.run_dir}: {s.k} folds, CV log loss {s.cv['log_loss']:.4f}, accuracy {s.cv['accuracy']:.4f}"
+            f"wrote {s.run_dir}: {s.k} folds, CV log loss {s.cv['log_loss']:.4f}{tta}, accuracy {s.cv['accuracy']:.4f}"
         )
     else:
         click.echo(f"wrote {s.run_dir}: folds {s.folds_done} of {s.k} done; train the rest to get oof.npz")

@@ -65,8 +65,10 @@ class TrainConfig:
     mean: list[float] = field(default_factory=list)  # empty: the model's own
     std: list[float] = field(default_factory=list)
     rrc_scale: list[float] = field(default_factory=lambda: [0.35, 1.0])  # RandomResizedCrop area range
-    hflip: float = 0.5
-    vflip: float = 0.0
+    # flip probabilities, or auto: a short probe run decides from the data (kit.train.symmetry)
+    hflip: float | str = "auto"
+    vflip: float | str = "auto"
+    rot90: float | str = "auto"  # a random quarter turn (1, 2 or 3)
     color_jitter: float = 0.0  # probability of a brightness/contrast/saturation jitter
     coarse_dropout: float = 0.0  # probability of cutting out random rectangles
     cache: bool = True  # decoded images resized once into a uint8 memory map shared by folds and runs
@@ -86,7 +88,8 @@ class TrainConfig:
     ema_decay: float = 0.0  # 0 off; else e.g. 0.999 and predictions use the EMA weights
     grad_accum: int = 1
     clip_grad: float = 0.0
-    patience: int = 0  # early stopping on validation log loss; 0 off
+    patience: int = 0  # early stopping on validation log loss; 0 off (it watches the fold's own OOF rows)
+    epoch_choice: str = "last"  # last: the schedule's final weights (honest OOF) | best: lowest valid loss (optimistic)
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
@@ -98,7 +101,9 @@ class TrainConfig:
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
     # prediction
-    tta: list[str] = field(default_factory=lambda: ["none", "hflip"])  # views of TTA_VIEWS, averaged
+    # views of TTA_VIEWS averaged at prediction; [auto]: the views that lower the OOF log loss, chosen
+    # cross-fitted at the end of the run (kit.train.tta_choice) among all eight, or among those listed after it
+    tta: list[str] = field(default_factory=lambda: ["auto"])
     predict_batch_size: int = 0  # 0: 2 x batch_size
     vlm: VLMConfig = field(default_factory=VLMConfig)
 
@@ -107,7 +112,7 @@ class TrainConfig:
 TTA_VIEWS = ("none", "hflip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")
 
 # What runs/<run>/config.json records beside the config itself; dropped when it is read back as a config.
-RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version")
+RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version", "tta_requested")
 
 # Changing these does not change what a run computes, so a resumed run may use other values.
 # compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
@@ -259,8 +264,9 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.epochs >= 1, "epochs must be >= 1"),
         (cfg.img_size >= 0, "img_size must be >= 0 (0: the model's own)"),
         (
-            all(0 <= p <= 1 for p in (cfg.hflip, cfg.vflip, cfg.color_jitter, cfg.coarse_dropout)),
-            "hflip, vflip, color_jitter and coarse_dropout are probabilities in [0, 1]",
+            all(_probability(p, auto=True) for p in (cfg.hflip, cfg.vflip, cfg.rot90))
+            and all(_probability(p) for p in (cfg.color_jitter, cfg.coarse_dropout)),
+            "hflip, vflip, rot90 (each also auto), color_jitter and coarse_dropout are probabilities in [0, 1]",
         ),
         (
             cfg.mixup >= 0 and cfg.cutmix >= 0 and 0 <= cfg.label_smoothing < 1,
@@ -274,7 +280,11 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
         (cfg.pipeline in ("auto", "device", "workers"), "pipeline must be auto, device or workers"),
         (cfg.compile in (True, False, "auto"), "compile must be true, false or auto"),
-        (bool(cfg.tta) and all(t in TTA_VIEWS for t in cfg.tta), f"tta items: {', '.join(TTA_VIEWS)}"),
+        (
+            _tta_ok(cfg.tta),
+            f"tta items: {', '.join(TTA_VIEWS)}; or auto, optionally followed by the views it may choose",
+        ),
+        (cfg.epoch_choice in ("last", "best"), "epoch_choice must be last or best"),
         (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
         (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),
@@ -290,6 +300,37 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.vlm.probe_c >= 0, "vlm.probe_c must be >= 0 (0: chosen by inner CV)"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _probability(value: float | str, auto: bool = False) -> bool:
+    return (auto and value == "auto") or (not isinstance(value, str) and 0 <= value <= 1)
+
+
+def _tta_ok(tta: list[str]) -> bool:
+    views = tta[1:] if tta[:1] == ["auto"] else tta
+    return (bool(views) or tta == ["auto"]) and all(t in TTA_VIEWS for t in views) and len(set(views)) == len(views)
+
+
+def tta_candidates(tta: list[str]) -> list[str] | None:
+    """The views `tta: [auto, ...]` chooses among (none always one of them); None for a fixed list."""
+    if tta[:1] != ["auto"]:
+        return None
+    listed = set(tta[1:]) or set(TTA_VIEWS)
+    return [v for v in TTA_VIEWS if v in listed or v == "none"]
+
+
+def cautions(cfg: TrainConfig) -> list[str]:
+    """Settings that run but bend the honesty of the OOF score; `kit train` prints them as warnings."""
+    notes = []
+    if cfg.patience:
+        notes.append(
+            f"patience={cfg.patience}: early stopping decides on the fold's own validation rows, which become its "
+            "OOF rows, so the CV is a little optimistic"
+            + ("; it also cuts the cosine schedule before its end" if cfg.epoch_choice == "last" else "")
+        )
+    if cfg.epoch_choice == "best":
+        notes.append("epoch_choice=best: each fold keeps the epoch its own OOF rows liked best; the CV is optimistic")
+    return notes
 
 
 def to_dict(cfg: TrainConfig) -> dict[str, Any]:

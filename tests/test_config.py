@@ -26,13 +26,13 @@ def write_yaml(path: Path, text: str) -> Path:
 
 
 def test_yaml_with_unknown_key_and_wrong_type_names_every_problem_at_once(tmp_path):
-    path = write_yaml(tmp_path / "my.yaml", "model: resnet18\nlrr: 0.1\nepochs: many\nhflip: yes please\n")
+    path = write_yaml(tmp_path / "my.yaml", "model: resnet18\nlrr: 0.1\nepochs: many\ncolor_jitter: yes please\n")
     with pytest.raises(KitError) as e:
         load_config(str(path))
     message = str(e.value)
     assert f"{path}: unknown key 'lrr'" in message
     assert f"{path}: 'epochs' must be int, got 'many'" in message
-    assert f"{path}: 'hflip' must be float" in message
+    assert f"{path}: 'color_jitter' must be float" in message
     assert "\n" not in message  # one line, as the CLI prints it
 
 

@@ -47,7 +47,8 @@ def timm_spec(config: dict) -> dict:
         "img_size": int(config["img_size"]),
         "mean": [float(v) for v in config["mean"]],
         "std": [float(v) for v in config["std"]],
-        "tta": list(config["tta"]),
+        # a run whose `tta: [auto]` is not chosen yet (folds still training) predicts with the plain view
+        "tta": ["none"] if config["tta"][:1] == ["auto"] else list(config["tta"]),
         "precision": config.get("precision", "auto"),
         "channels_last": bool(config.get("channels_last", True)),
         "batch_size": int(config.get("predict_batch_size") or 2 * config["batch_size"]),
@@ -108,6 +109,27 @@ def predict_logp(
         raise_bad_image(extra)
         out.append(tta_logp(model, images.to(device, non_blocking=True), normalize, tta, precision).cpu())
     return torch.cat(out).numpy().astype(np.float32)
+
+
+@torch.no_grad()
+def predict_view_logp(
+    model: torch.nn.Module,
+    loader,
+    device: torch.device,
+    normalize: Normalizer,
+    views: list[str],
+    precision: str,
+    desc: str = "predicting",
+) -> np.ndarray:
+    """Each view's own log-probabilities [V, N, C], each batch decoded once: what kit's `tta: auto`
+    chooses from (an average of some of them in probability space is what `tta_logp` computes)."""
+    model.eval()
+    out = []
+    for images, extra in progress(loader, desc):
+        raise_bad_image(extra)
+        x = images.to(device, non_blocking=True)
+        out.append(torch.stack([tta_logp(model, x, normalize, [view], precision) for view in views]).cpu())
+    return torch.cat(out, dim=1).numpy().astype(np.float32)
 
 
 def build_timm_model(spec: dict) -> torch.nn.Module:
@@ -175,3 +197,17 @@ class TimmFold:
         loader = image_batches(dataset, batch_size or self.spec["batch_size"], workers, self.device)
         spec = self.spec
         return predict_logp(self.model, loader, self.device, self.normalize, spec["tta"], spec["precision"], desc)
+
+    def views(
+        self,
+        paths: list[str],
+        views: list[str],
+        workers: int = 0,
+        cache: np.ndarray | None = None,
+        cache_rows: np.ndarray | None = None,
+        desc: str = "predicting",
+    ) -> np.ndarray:
+        """[V, N, C] float32: the log-probabilities of each of `views` on its own (predict_view_logp)."""
+        dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
+        loader = image_batches(dataset, self.spec["batch_size"], workers, self.device)
+        return predict_view_logp(self.model, loader, self.device, self.normalize, views, self.spec["precision"], desc)

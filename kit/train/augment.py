@@ -17,10 +17,13 @@ from kit.preprocess import EvalTransform
 
 def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
     steps: list = [A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=cv2.INTER_AREA)]
-    if cfg.hflip:
-        steps.append(A.HorizontalFlip(p=cfg.hflip))
-    if cfg.vflip:
-        steps.append(A.VerticalFlip(p=cfg.vflip))
+    hflip, vflip, rot90 = (_flip(p) for p in (cfg.hflip, cfg.vflip, cfg.rot90))
+    if hflip:
+        steps.append(A.HorizontalFlip(p=hflip))
+    if vflip:
+        steps.append(A.VerticalFlip(p=vflip))
+    if rot90:
+        steps.append(A.RandomRotate90(p=rot90))
     if cfg.color_jitter:
         steps.append(A.ColorJitter(0.3, 0.3, 0.3, 0.02, p=cfg.color_jitter))
     if cfg.coarse_dropout:
@@ -33,6 +36,12 @@ def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
             )
         )
     return A.Compose([*steps, ToTensorV2()], seed=cfg.seed)
+
+
+def _flip(p: float | str) -> float:
+    """kit train resolves `auto` flips from the data before any fold trains (kit.train.symmetry); a
+    pipeline built from an unresolved config (kit bench) flips nothing."""
+    return 0.0 if p == "auto" else float(p)
 
 
 def eval_pipeline(size: int) -> EvalTransform:

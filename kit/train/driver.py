@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from kit import __version__
-from kit.config import RUN_RECORD_KEYS, TrainConfig, config_changes, to_dict
+from kit.config import RUN_RECORD_KEYS, TrainConfig, config_changes, to_dict, tta_candidates
 from kit.errors import KitError
 from kit.folds import Folds, load_folds
 from kit.io import read_json, temporaries, write_json
@@ -29,6 +29,8 @@ from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_spac
 from kit.track import chain, fold_log
 from kit.train.families import get_family
 from kit.train.lock import RunLock
+from kit.train.symmetry import resolve_flips
+from kit.train.tta_choice import VIEWS_FILE, TTAChoice, average_views, choose_tta, load_views, save_views, view_log_loss
 
 RUN_META_KEYS = RUN_RECORD_KEYS
 
@@ -40,6 +42,7 @@ class RunSummary:
     k: int
     fold_scores: dict[int, dict] = field(default_factory=dict)
     cv: dict | None = None  # set once every fold is done
+    tta: dict | None = None  # tta: auto: the chosen views and the scores with and without (TTAChoice.record)
 
     @property
     def complete(self) -> bool:
@@ -62,12 +65,16 @@ def write_config(run_dir: Path, cfg: TrainConfig, folds: Folds) -> None:
         # classes too: train.csv holds class names, so reordered sample-submission columns keep its sha256
         if old.get("folds_sha256") != folds.sha256 or old.get("classes") != folds.classes:
             raise KitError(f"{path}: run was made from other folds; use --name for a new run")
-        changes = config_changes({k: v for k, v in old.items() if k not in RUN_META_KEYS}, to_dict(cfg))
+        asked = {**old, "tta": old.get("tta_requested", old["tta"])}  # what the user asked, not what auto chose
+        changes = config_changes({k: v for k, v in asked.items() if k not in RUN_META_KEYS}, to_dict(cfg))
         if changes:
             raise KitError(
                 f"{path}: run was made with another config ({'; '.join(changes[:3])}); "
                 "resume with the same settings, or use --name for a new run"
             )
+        if "tta_requested" in old and all((run_dir / f"fold{f}" / "done.json").is_file() for f in range(folds.k)):
+            # keep the views tta: auto chose; while a fold is left to train, its workers must see auto
+            record = {**record, "tta": old["tta"], "tta_requested": old["tta_requested"]}
     write_json(path, record)
 
 
@@ -107,6 +114,7 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
     family = get_family(cfg.family)
     cfg = family.resolve_config(copy.deepcopy(cfg), folds)
     run_dir = Path(root) / RUNS_DIR / cfg.name
+    cfg = resolve_flips(cfg, family, folds, run_dir, Path(root))  # `auto` flips: a short probe run decides
     if cfg.lr_find:  # part of resolving: config.json records the rate found, and a resume reads it back
         from kit.train.lr_find import resolve_lr
 
@@ -123,20 +131,32 @@ def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path
 
 
 def finish_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, seconds: float) -> None:
-    """Predict the fold's validation rows and the test set with its best weights, then mark it done."""
+    """Predict the fold's validation rows and the test set with its kept weights, then mark it done.
+
+    Under `tta: auto` every candidate view is predicted on its own into views.npz (assembly chooses
+    among them, cross-fitted); the fold's oof.npz / test.npz then hold the plain view."""
     start = time.perf_counter()
-    predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
     valid = folds.train[folds.train["fold"] == fold]
-    valid_logp = predict(valid["path"].tolist())
+    paths, test_paths = valid["path"].tolist(), folds.test["path"].tolist()
+    candidates = tta_candidates(cfg.tta)
+    extra = {}
+    if candidates and hasattr(family, "load_view_predictor"):
+        predict_views = family.load_view_predictor(cfg, fold_dir.parent, fold, root)
+        oof_views, test_views = predict_views(paths, candidates), predict_views(test_paths, candidates)
+        save_views(fold_dir / VIEWS_FILE, candidates, valid["id"].to_numpy(str), oof_views, test_views)
+        plain = candidates.index("none")
+        valid_logp, test_logp = oof_views[plain], test_views[plain]
+        extra = {"views_log_loss": view_log_loss(oof_views, valid["y"].to_numpy(), candidates, folds.merge_groups)}
+    else:
+        predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
+        valid_logp, test_logp = predict(paths), predict(test_paths)
     save_predictions(
         fold_dir / "oof.npz", Predictions(valid["id"].to_numpy(str), valid_logp, np.full(len(valid), fold))
     )
-    save_predictions(
-        fold_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), predict(folds.test["path"].tolist()))
-    )
+    save_predictions(fold_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), test_logp))
     scores = score(valid["y"].to_numpy(), np.exp(valid_logp.astype(np.float64)), folds.merge_groups)
     seconds += time.perf_counter() - start
-    write_json(fold_dir / "done.json", {"fold": fold, **scores, "seconds": round(seconds, 1)})
+    write_json(fold_dir / "done.json", {"fold": fold, **scores, **extra, "seconds": round(seconds, 1)})
     (fold_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # optimizer state is no longer needed
 
 
@@ -156,14 +176,45 @@ def assemble(run_dir: Path, folds: Folds) -> RunSummary:
         logp[rows] = part.logp
     if np.isnan(logp).any():
         raise KitError(f"{run_dir}: folds do not cover every training row; folds/ changed?")
+    config = read_json(run_dir / "config.json")
+    requested = config.get("tta_requested", config["tta"])
+    candidates = tta_candidates(requested)
+    if candidates:  # tta: auto: the views are chosen now, on every fold's OOF rows, cross-fitted
+        choice, tests = _choose_views(run_dir, folds, position, candidates)
+        logp, summary.tta = choice.oof, choice.record()
+        # the explicit list is what kit predict and the bundle apply; tta_requested lets the run resume
+        write_json(run_dir / "config.json", {**config, "tta": choice.views, "tta_requested": requested})
+    else:
+        tests = np.stack([load_predictions(run_dir / f"fold{f}" / "test.npz").logp for f in range(folds.k)])
     save_predictions(run_dir / "oof.npz", Predictions(folds.train["id"].to_numpy(str), logp, folds.fold_of_row))
-    tests = np.stack([load_predictions(run_dir / f"fold{f}" / "test.npz").logp for f in range(folds.k)])
     save_predictions(
         run_dir / "test.npz", Predictions(folds.test["id"].to_numpy(str), mean_in_prob_space(tests), logp_folds=tests)
     )
     summary.cv = score(folds.labels, np.exp(logp.astype(np.float64)), folds.merge_groups)
-    write_json(run_dir / "scores.json", {"cv": summary.cv, "folds": summary.fold_scores})
+    extra = {"tta": summary.tta} if summary.tta else {}
+    write_json(run_dir / "scores.json", {"cv": summary.cv, **extra, "folds": summary.fold_scores})
     return summary
+
+
+def _choose_views(run_dir: Path, folds: Folds, position: dict, names: list[str]) -> tuple[TTAChoice, np.ndarray]:
+    """The cross-fitted view choice on the folds' views.npz, and each fold's test rows averaged over it."""
+    views_oof = np.full((len(names), len(folds.train), len(folds.classes)), np.nan, dtype=np.float32)
+    for f in range(folds.k):
+        path = run_dir / f"fold{f}" / VIEWS_FILE
+        part = load_views(path, ("views", "ids", "oof_logp"))
+        if part["views"].tolist() != names:
+            raise KitError(f"{path}: holds views {part['views'].tolist()}, the run's tta asks for {names}")
+        rows = np.array([position[i] for i in part["ids"]])
+        if not (folds.fold_of_row[rows] == f).all():
+            raise KitError(f"{path}: holds rows of another fold")
+        views_oof[:, rows] = part["oof_logp"]
+    choice = choose_tta(views_oof, folds.labels, folds.fold_of_row, names, folds.merge_groups)
+    chosen = [names.index(v) for v in choice.views]
+    tests = [
+        average_views(load_views(run_dir / f"fold{f}" / VIEWS_FILE, ("test_logp",))["test_logp"][chosen])
+        for f in range(folds.k)
+    ]
+    return choice, np.stack(tests)
 
 
 def remove_run(run_dir: Path) -> None:

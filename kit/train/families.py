@@ -4,6 +4,10 @@
     fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end=None)   train; resume from fold_dir
     load_predictor(cfg, run_dir, fold, root) -> predict(paths) -> logp [N, C]
 
+and, where it can predict several test-time views (`tta: auto`, the timm family), a fourth:
+
+    load_view_predictor(cfg, run_dir, fold, root) -> predict(paths, views) -> logp [V, N, C]
+
 Families are imported only when used, so `kit --help` never pays for torch or transformers.
 """
 

@@ -124,3 +124,17 @@ def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Ca
         return model(paths, default_workers(cfg.workers), cache=cache, cache_rows=rows, desc=desc)
 
     return predict
+
+
+def load_view_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[..., np.ndarray]:
+    """The fold's weights as a function of (image paths, views) -> [V, N, C]: each test-time view's own
+    log-probabilities, for `tta: auto` (kit.train.tta_choice), every image decoded once."""
+    device = resolve_device(cfg.device)
+    model = TimmFold(timm_spec(to_dict(cfg)), Path(run_dir) / f"fold{fold}" / WEIGHTS, device)
+
+    def predict(paths: list[str], views: list[str]) -> np.ndarray:
+        cache, rows = _cache_for(cfg, paths, root)
+        workers = default_workers(cfg.workers)
+        return model.views(paths, views, workers, cache=cache, cache_rows=rows, desc=f"fold {fold}: {len(views)} views")
+
+    return predict

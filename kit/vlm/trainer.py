@@ -22,7 +22,7 @@ from kit.config import TrainConfig
 from kit.infer.progress import progress_bar
 from kit.io import write_text
 from kit.train.checkpoint import load_optimizer, load_training_state, save_training_state
-from kit.train.loop import CHECKPOINT, FoldHistory, warmup_cosine
+from kit.train.loop import CHECKPOINT, FoldHistory, keeps_weights, warmup_cosine
 from kit.train.runtime import autocast, epoch_seed, seed_everything
 from kit.vlm.model import VisionLanguage
 
@@ -125,12 +125,14 @@ class LoraTrainer:
         self.history = FoldHistory(meta["history"], meta["best_loss"], meta["best_epoch"])
 
     def end_epoch(self, fold_dir: Path, row: dict, valid_loss: float, save_best: Callable[[], None]) -> bool:
-        """Record the epoch, keep the best weights (save_best), checkpoint; True to stop early."""
+        """Record the epoch, keep the weights `epoch_choice` names (save_best), checkpoint; True to stop early."""
         self.history.rows.append(row)
-        if valid_loss < self.history.best_loss:
+        improved = valid_loss < self.history.best_loss
+        if improved:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
-            save_best()
         self.epoch += 1
+        if keeps_weights(self.cfg, improved, self.epoch >= self.cfg.epochs or self.stopped):
+            save_best()
         parts, meta = self.state()
         save_training_state(Path(fold_dir) / CHECKPOINT, parts, meta)
         # after the checkpoint: an epoch history.csv shows is never lost to a kill (as in kit.train.loop)

@@ -1,0 +1,115 @@
+"""`hflip / vflip / rot90: auto`: which training flips suit the data, found out from the data.
+
+Mirror and rotation augmentation is free accuracy on photos and cells, and a loss on text, digits or
+oriented scans, where a flipped image is another class or none. So before any fold trains, a short probe
+run (fold 0, no flips, about a fifth of the epochs) predicts fold 0's validation rows under each of the
+eight views, and a flip is switched on when its view keeps most of what the probe learned:
+
+    cfg = resolve_flips(cfg, family, folds, run_dir, root)   # hflip/vflip/rot90 become numbers
+    read_json(run_dir / "symmetry.json")                      # the per-view losses and the decision
+
+The decision (three bits, made by a model that is not fold 0's and shared by all folds) is written to
+runs/<run>/symmetry.json and reused by resumes and fold workers; config.json records the numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from kit.config import RESUME_SAFE_KEYS, TTA_VIEWS, TrainConfig, to_dict
+from kit.folds import Folds
+from kit.io import read_json, write_json
+from kit.train.tta_choice import view_log_loss
+
+FLIP_KEYS = ("hflip", "vflip", "rot90")
+SYMMETRY_FILE = "symmetry.json"
+ON = 0.5  # the probability a free flip is applied with
+KEEP = 0.5  # a view is free when it loses at most this share of what the probe learned
+MIN_LEARNED = 0.05  # the probe must beat the class prior by this share of its log loss, or nothing is decided
+
+
+def probe_epochs(epochs: int) -> int:
+    return min(epochs, max(2, round(epochs / 5)))
+
+
+def probe_recipe(cfg: TrainConfig) -> TrainConfig:
+    """The probe: the run's own recipe without flips, shorter, predicting the plain view only."""
+    flat = dict.fromkeys(FLIP_KEYS, 0.0)
+    return dataclasses.replace(
+        cfg, **flat, epochs=probe_epochs(cfg.epochs), tta=["none"], epoch_choice="last", patience=0
+    )
+
+
+def decide(losses: dict[str, float], prior_loss: float) -> dict[str, float]:
+    """Flip probabilities from the probe's per-view log loss: a flip is on when its views keep at least
+    1 - KEEP of what the probe learned over the class prior. A probe that learned nothing decides nothing:
+    no flips, as a plain loop would train."""
+    learned = prior_loss - losses["none"]
+    if learned < MIN_LEARNED * prior_loss:
+        return dict.fromkeys(FLIP_KEYS, 0.0)
+
+    def free(*views: str) -> bool:
+        return max(losses[v] for v in views) - losses["none"] <= KEEP * learned
+
+    return {"hflip": ON * free("hflip"), "vflip": ON * free("vflip"), "rot90": ON * free("rot90", "rot270")}
+
+
+def prior_log_loss(labels: np.ndarray, train_labels: np.ndarray, n_classes: int) -> float:
+    """The log loss of predicting the training rows' class frequencies: what learning nothing scores."""
+    prior = np.bincount(train_labels, minlength=n_classes) + 1.0
+    prior /= prior.sum()
+    return float(-np.log(prior[labels]).mean())
+
+
+def resolve_flips(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path) -> TrainConfig:
+    """cfg with every `auto` flip replaced by a probability (the probe runs once per run)."""
+    auto = [key for key in FLIP_KEYS if getattr(cfg, key) == "auto"]
+    if not auto:
+        return cfg
+    if not hasattr(family, "load_view_predictor"):  # families without training flips (vlm, probe)
+        return dataclasses.replace(cfg, **dict.fromkeys(auto, 0.0))
+    decision = _decision(cfg, family, folds, Path(run_dir), Path(root))
+    return dataclasses.replace(cfg, **{key: decision[key] for key in auto})
+
+
+def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path) -> dict[str, float]:
+    from kit.train.dataset import _exclusive  # a blocking flock: parallel coordinators wait for one probe
+
+    path = run_dir / SYMMETRY_FILE
+    # what the probe computes: a resume on another device or with other workers reuses its decision
+    recipe = {k: v for k, v in to_dict(probe_recipe(cfg)).items() if k not in RESUME_SAFE_KEYS}
+    with _exclusive(run_dir / ".symmetry.lock"):
+        if path.is_file() and read_json(path).get("recipe") == recipe:
+            return read_json(path)["decision"]
+        probe_dir = run_dir / "symmetry_probe"
+        shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
+        record = run_probe(probe_recipe(cfg), family, folds, probe_dir / "fold0", root)
+        write_json(path, {**record, "recipe": recipe})
+        shutil.rmtree(probe_dir, ignore_errors=True)
+    return record["decision"]
+
+
+def run_probe(probe: TrainConfig, family, folds: Folds, fold_dir: Path, root: Path) -> dict:
+    """Train the probe on fold 0's training rows, score each view on its validation rows, decide."""
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    family.fit_fold(probe, folds, 0, fold_dir, root)
+    valid = folds.fold_of_row == 0
+    paths = folds.train["path"][valid].tolist()
+    logp = family.load_view_predictor(probe, fold_dir.parent, 0, root)(paths, list(TTA_VIEWS))
+    losses = view_log_loss(logp, folds.labels[valid], TTA_VIEWS, folds.merge_groups)
+    prior = prior_log_loss(folds.labels[valid], folds.labels[~valid], len(folds.classes))
+    learned = prior - losses["none"]
+    return {
+        "decision": decide(losses, prior),
+        "views_log_loss": losses,
+        "prior_log_loss": prior,
+        # the share of what the probe learned that each view keeps (1: a free view; <= 0: no better than the prior)
+        "kept_share": {
+            v: round(1 - (loss - losses["none"]) / learned, 4) if learned > 0 else None for v, loss in losses.items()
+        },
+        "probe_epochs": probe.epochs,
+    }

@@ -1,0 +1,148 @@
+"""kit's default recipe keeps its scores honest and fits the data: the epoch a fold predicts with is not
+chosen by its own OOF rows (epoch_choice), random labels stay at log(C) through a run and an ensemble,
+and training flips follow from a probe of the data (hflip / vflip / rot90: auto)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from conftest import make_competition, synthetic_image
+
+from kit.cli import main
+from kit.config import TTA_VIEWS, load_config
+from kit.ensemble import fit_ensemble
+from kit.errors import KitError
+from kit.folds import load_folds, make_folds
+from kit.io import read_json
+from kit.metrics import log_loss
+from kit.preds import load_predictions
+from kit.train.driver import run_config, train_run
+from kit.train.symmetry import SYMMETRY_FILE, decide
+
+TINY = ["workers=0", "deterministic=true"]
+
+
+# --- epoch choice ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_fold_root(tmp_path_factory) -> Path:
+    base = tmp_path_factory.mktemp("recipe")
+    make_folds(make_competition(base / "data", size=48), root=base / "root", k=2, workers=1)
+    return base / "root"
+
+
+def test_last_predicts_with_the_final_epoch_and_best_with_the_fold_s_favourite(two_fold_root):
+    # one training trajectory, two ways to pick its weights: the histories are identical, and each OOF
+    # score is the validation loss of the epoch it names (the plain view: tta none)
+    recipe = [*TINY, "epochs=4", "tta=[none]", "lr=0.05"]
+    runs = {
+        choice: train_run(load_config("tiny", [*recipe, f"epoch_choice={choice}", f"name={choice}"]), two_fold_root)
+        for choice in ("last", "best")
+    }
+    folds = load_folds(two_fold_root)
+    for k in range(2):
+        histories = {c: pd.read_csv(s.run_dir / f"fold{k}" / "history.csv") for c, s in runs.items()}
+        np.testing.assert_allclose(histories["last"]["valid_loss"], histories["best"]["valid_loss"], atol=1e-6)
+        rows = folds.fold_of_row == k
+        losses = {
+            c: log_loss(folds.labels[rows], load_predictions(s.run_dir / "oof.npz").probs[rows])
+            for c, s in runs.items()
+        }
+        assert losses["last"] == pytest.approx(histories["last"]["valid_loss"].iloc[-1], abs=1e-5)
+        assert losses["best"] == pytest.approx(histories["best"]["valid_loss"].min(), abs=1e-5)
+    assert runs["best"].cv["log_loss"] <= runs["last"].cv["log_loss"]  # the optimism `last` gives up
+    assert load_config(None).epoch_choice == "last"
+
+
+def test_bad_epoch_choice_is_one_line_and_exit_2_and_patience_warns(tmp_path):
+    result = CliRunner().invoke(
+        main, ["train", "--model", "resnet18", "--set", "epoch_choice=worst", "--root", tmp_path]
+    )
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == ["error: defaults + flags + --set: epoch_choice must be last or best"]
+    result = CliRunner().invoke(main, ["train", "--model", "resnet18", "--set", "patience=3", "--root", tmp_path])
+    assert result.exit_code == 2  # no folds here; the warning came first
+    assert result.output.startswith("warning: patience=3: early stopping decides on the fold's own validation rows")
+
+
+# --- random labels: every run's and every ensemble's CV stays at log(C) -------------------------------
+
+
+def random_label_competition(root: Path, n_classes: int, n_per_class: int, seed: int) -> Path:
+    """Images that say nothing about their labels: each image is tinted by a class drawn independently."""
+    rng = np.random.default_rng(seed)
+    classes = [f"c{i}" for i in range(n_classes)]
+    for label in classes:
+        folder = root / "train" / label
+        folder.mkdir(parents=True)
+        for i in range(n_per_class):
+            synthetic_image(rng, int(rng.integers(n_classes)), n_classes).save(folder / f"{i:03d}.png")
+    (root / "test").mkdir()
+    for i in range(8):
+        synthetic_image(rng, int(rng.integers(n_classes)), n_classes).save(root / "test" / f"T{i}.png")
+    uniform = ",".join([f"{1 / n_classes:.6f}"] * n_classes)
+    (root / "sample_submission.csv").write_text(
+        ",".join(["ID", *classes]) + "\n" + "".join(f"T{i},{uniform}\n" for i in range(8)), encoding="utf-8"
+    )
+    return root
+
+
+def test_random_labels_runs_and_their_ensemble_stay_at_log_c(tmp_path):
+    n_classes = 10
+    data = random_label_competition(tmp_path / "data", n_classes, 10, seed=0)
+    make_folds(data, root=tmp_path, k=2, workers=1)
+    # kit's defaults (tta auto, flips auto, epoch_choice last) on a tiny model that can memorise its rows
+    quick = ["model=test_efficientnet", "img_size=32", "epochs=3", "batch_size=10", "lr=0.01", *TINY]
+    names = []
+    for seed in (0, 1):
+        summary = train_run(load_config(None, [*quick, f"seed={seed}", f"name=noise{seed}"]), tmp_path)
+        assert summary.cv["log_loss"] >= math.log(n_classes) - 0.01, summary.cv
+        assert summary.tta["cv"] == summary.cv  # the reported figure is the cross-fitted one
+        decision = read_json(summary.run_dir / SYMMETRY_FILE)["decision"]
+        assert decision == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}  # nothing learned, nothing decided
+        names.append(summary.run_dir.name)
+    ensemble = fit_ensemble(tmp_path, names, "noise", method="auto", trials=4)
+    for method, s in ensemble.methods.items():
+        assert s["cv"]["log_loss"] >= math.log(n_classes) - 0.01, method
+
+
+# --- training flips from the data ------------------------------------------------------------------------
+
+
+def test_flip_decisions_from_the_probe_s_view_losses():
+    prior = math.log(10)
+    digits = {"none": 0.5, "hflip": 2.4, "vflip": 2.6, "rot90": 2.9, "rot270": 2.8}
+    photos = {"none": 0.8, "hflip": 0.85, "vflip": 1.9, "rot90": 2.0, "rot270": 2.1}
+    cells = {"none": 1.0, "hflip": 1.02, "vflip": 1.05, "rot90": 1.1, "rot270": 1.04}
+    nothing = {"none": 2.2, "hflip": 2.2, "vflip": 2.2, "rot90": 2.2, "rot270": 2.2}
+    assert decide(digits, prior) == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
+    assert decide(photos, prior) == {"hflip": 0.5, "vflip": 0.0, "rot90": 0.0}
+    assert decide(cells, prior) == {"hflip": 0.5, "vflip": 0.5, "rot90": 0.5}
+    assert decide(nothing, prior) == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
+
+
+def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root):
+    overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "vflip=auto", "rot90=0", "name=flips"]
+    summary = train_run(load_config("tiny", overrides), two_fold_root)
+    record = read_json(summary.run_dir / SYMMETRY_FILE)
+    assert record["probe_epochs"] == 2 and set(record["views_log_loss"]) == set(TTA_VIEWS)
+    assert record["decision"] == decide(record["views_log_loss"], record["prior_log_loss"])
+    config = run_config(summary.run_dir)
+    assert (config.hflip, config.vflip, config.rot90) == (record["decision"]["hflip"], record["decision"]["vflip"], 0)
+    assert not (summary.run_dir / "symmetry_probe").exists()
+    stamp = (summary.run_dir / SYMMETRY_FILE).stat().st_mtime_ns
+    train_run(load_config("tiny", overrides), two_fold_root)  # the same command again: accepted, no new probe
+    assert (summary.run_dir / SYMMETRY_FILE).stat().st_mtime_ns == stamp
+
+
+def test_bad_flip_values_are_named():
+    with pytest.raises(KitError, match="hflip, vflip, rot90 \\(each also auto\\)"):
+        load_config(None, ["hflip=sometimes"])
+    with pytest.raises(KitError, match="hflip, vflip, rot90"):
+        load_config(None, ["rot90=2"])
