@@ -27,7 +27,7 @@ def images(n: int = 6, size: int = 16, seed: int = 0) -> torch.Tensor:
 def test_every_rows_draws_follow_from_seed_and_row_alone():
     rows = np.array([5, 17, 3, 900])
     u = uniforms(11, rows)
-    assert u.shape == (4, 48) and (u >= 0).all() and (u < 1).all()
+    assert u.shape == (4, 50) and (u >= 0).all() and (u < 1).all()
     np.testing.assert_array_equal(uniforms(11, rows[::-1]), u[::-1])  # not on the rows beside it
     np.testing.assert_array_equal(uniforms(11, rows[:1]), u[:1])
     assert not np.allclose(uniforms(12, rows), u)  # another epoch, other draws
@@ -54,6 +54,10 @@ def test_no_crop_no_flip_is_the_image_itself_and_a_flip_is_exact():
     torch.testing.assert_close(out, x.permute(0, 3, 1, 2).float(), atol=1e-3, rtol=0)
     flipped = augment(TrainConfig(rrc_scale=[1.0, 1.0], hflip=1.0), x, np.arange(6), seed=1)
     torch.testing.assert_close(flipped, x.permute(0, 3, 1, 2).float().flip(3), atol=1e-3, rtol=0)
+    turned = augment(TrainConfig(rrc_scale=[1.0, 1.0], hflip=0.0, rot90=1.0), x, np.arange(6), seed=1)
+    plain = x.permute(0, 3, 1, 2).float()
+    for i in range(6):  # each row turned by 1, 2 or 3 quarters (p = 1), none left as it was
+        assert any(torch.allclose(turned[i], plain[i].rot90(j, (1, 2)), atol=1e-3) for j in (1, 2, 3)), i
     upside_down = augment(TrainConfig(rrc_scale=[1.0, 1.0], hflip=0.0, vflip=1.0), x, np.arange(6), seed=1)
     torch.testing.assert_close(upside_down, x.permute(0, 3, 1, 2).float().flip(2), atol=1e-3, rtol=0)
 

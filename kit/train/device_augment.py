@@ -21,7 +21,7 @@ from kit.config import TrainConfig
 
 # splitmix64's constants: a well-mixed 64-bit hash of (seed, row, draw), computed in numpy (uint64 wraps)
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
-_DRAWS = 48  # uniforms per row: 20 for the crop's tries, 2 its place, 2 flips, 5 colour, 18 dropout
+_DRAWS = 50  # uniforms per row: 20 for the crop's tries, 2 its place, 2 flips, 5 colour, 18 dropout, 2 turn
 
 
 def uniforms(seed: int, rows: np.ndarray, n: int = _DRAWS) -> np.ndarray:
@@ -52,6 +52,12 @@ def crop_boxes(u: np.ndarray, scale: tuple[float, float], ratio=(3 / 4, 4 / 3)) 
     return np.stack([u[:, 20] * (1 - w), u[:, 21] * (1 - h), w, h], axis=1)
 
 
+def _p(probability: float | str) -> float:
+    """kit train resolves `auto` flips from the data before a fold trains (kit.train.symmetry); an
+    unresolved config (kit bench) flips nothing, as kit.train.augment."""
+    return 0.0 if probability == "auto" else float(probability)
+
+
 def plan(cfg: TrainConfig, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]:
     """Every random choice for `rows`, one row each, computed on the host in one go (an epoch's worth is
     uploaded once, so a batch costs no host-to-device copy and no synchronisation)."""
@@ -59,8 +65,12 @@ def plan(cfg: TrainConfig, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]
     n = len(rows)
     box = crop_boxes(u, tuple(cfg.rrc_scale))
     theta = np.zeros((n, 2, 3))
-    theta[:, 0, 0] = box[:, 2] * np.where(u[:, 22] < cfg.hflip, -1.0, 1.0)  # a flip is a negative scale
-    theta[:, 1, 1] = box[:, 3] * np.where(u[:, 23] < cfg.vflip, -1.0, 1.0)
+    theta[:, 0, 0] = box[:, 2] * np.where(u[:, 22] < _p(cfg.hflip), -1.0, 1.0)  # a flip is a negative scale
+    theta[:, 1, 1] = box[:, 3] * np.where(u[:, 23] < _p(cfg.vflip), -1.0, 1.0)
+    # a random quarter turn (1, 2 or 3 of them on the rows drawn, as the rot90 key says) turns the output grid
+    turns = np.where(u[:, 47] < _p(cfg.rot90), 1 + np.floor(u[:, 48] * 3), 0).astype(int)
+    quarter = np.array([[[1, 0], [0, 1]], [[0, -1], [1, 0]], [[-1, 0], [0, -1]], [[0, 1], [-1, 0]]], float)
+    theta[:, :, :2] = theta[:, :, :2] @ quarter[turns]
     theta[:, 0, 2] = 2 * box[:, 0] + box[:, 2] - 1  # the box centre in grid_sample's [-1, 1] coordinates
     theta[:, 1, 2] = 2 * box[:, 1] + box[:, 3] - 1
     out = {"theta": theta}
