@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler
-from tqdm.auto import tqdm
 
 from kit.images import load_image
+from kit.infer.progress import progress_bar
 from kit.io import atomic_path
 from kit.preprocess import resize_square
 from kit.train.lock import exclusive
@@ -105,7 +105,7 @@ def _build(file: Path, paths: list[str], size: int, workers: int) -> None:
         np.memmap(tmp, dtype=np.uint8, mode="w+", shape=(len(paths), size, size, 3)).flush()
         chunk = 64
         jobs = [(str(tmp), len(paths), size, paths[s : s + chunk], s) for s in range(0, len(paths), chunk)]
-        bar = tqdm(total=len(paths), desc=f"caching images at {size}px", unit="img", leave=False)
+        bar = progress_bar(total=len(paths), desc=f"caching images at {size}px", unit="img")
         if workers > 1 and len(jobs) > 1:
             with ProcessPoolExecutor(workers) as pool:
                 for done in pool.map(_fill, jobs):

@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from kit.config import TrainConfig
+from kit.infer.progress import progress_bar
 from kit.infer.timm_predict import Normalizer
 from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
@@ -195,7 +195,7 @@ class FoldTrainer:
                 module.eval()
         started_at = time.time()
         total, count, wait, start = torch.zeros((), device=self.device), 0, 0.0, time.perf_counter()
-        bar = tqdm(total=len(loader), desc=desc, unit="batch", leave=False)
+        bar = progress_bar(total=len(loader), desc=desc, unit="batch")
         tick = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
             wait += time.perf_counter() - tick

@@ -77,12 +77,12 @@ def resolve_flips(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: P
 
 
 def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path) -> dict[str, float]:
-    from kit.train.dataset import _exclusive  # a blocking flock: parallel coordinators wait for one probe
+    from kit.train.lock import exclusive  # a blocking flock: parallel coordinators wait for one probe
 
     path = run_dir / SYMMETRY_FILE
     # what the probe computes: a resume on another device or with other workers reuses its decision
     recipe = {k: v for k, v in to_dict(probe_recipe(cfg)).items() if k not in RESUME_SAFE_KEYS}
-    with _exclusive(run_dir / ".symmetry.lock"):
+    with exclusive(run_dir / ".symmetry.lock"):
         if path.is_file() and read_json(path).get("recipe") == recipe:
             return read_json(path)["decision"]
         probe_dir = run_dir / "symmetry_probe"
