@@ -37,10 +37,11 @@ def log_dir(run_dir: Path, fold: int) -> Path:
 
 
 def scalars(row: dict) -> dict[str, float]:
-    """The numbers of one history row under their TensorBoard tags (the epoch is the step, not a chart)."""
+    """The numbers of one history row under their TensorBoard tags (the epoch is the step and started_at a
+    wall-clock stamp, not charts)."""
     found = {}
     for key, value in row.items():
-        if key == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
+        if key in ("epoch", "started_at") or isinstance(value, bool) or not isinstance(value, int | float):
             continue
         found[TAGS.get(key, f"other/{key}")] = float(value)
     return found

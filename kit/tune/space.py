@@ -212,6 +212,8 @@ def _range(key: str, hint: Any, spec: dict, where: str, problems: list[str]) -> 
     if unknown:
         problems.append(f"{where}: {key!r}: unknown range field {sorted(unknown)[0]!r} (fields: low, high, log, step)")
         return Param(key)
+    if hint == float | str:  # a probability that may also be `auto` (hflip, vflip, rot90): its range is a float's
+        hint = float
     if hint not in (int, float):
         problems.append(f"{where}: {key!r} is {_name(hint)}: give a list of choices, not a range")
         return Param(key)
