@@ -45,7 +45,8 @@ class ResidentImages:
         self.pixels = None
         gb = cache.nbytes / 2**30
         if device.type == "cuda":
-            budget = budget_gb if budget_gb >= 0 else torch.cuda.get_device_properties(device).total_memory / 2**32
+            quarter = torch.cuda.get_device_properties(device).total_memory / 4 / 2**30  # the default: -1
+            budget = budget_gb if budget_gb >= 0 else quarter
             if gb <= budget:
                 self.pixels = self._upload(cache, device, gb)
             else:
