@@ -152,9 +152,10 @@ def test_on_rendered_digits_kit_keeps_the_plain_view_and_trains_without_flips(tm
     # the quick version of bench/bench_recipe.py: orientation-sensitive photos, kit's defaults
     from kit.demo.digits import materialise_digits
 
-    data = materialise_digits(tmp_path / "digits", limit=400)
+    data = materialise_digits(tmp_path / "digits", limit=500)
     make_folds(data.data_dir, root=tmp_path, k=2, workers=1)
-    cfg = load_config(None, ["workers=0", "name=digits"], {"model": "resnet10t", "img_size": 32, "epochs": 6})
+    quick = {"model": "resnet10t", "img_size": 32, "epochs": 8}
+    cfg = load_config(None, ["workers=0", "deterministic=true", "name=digits"], quick)
     assert (cfg.lr, cfg.rrc_scale, cfg.tta, cfg.epoch_choice) == (0.003, [0.75, 1.0], ["auto"], "last")
     summary = train_run(cfg, tmp_path)
     assert read_json(summary.run_dir / SYMMETRY_FILE)["decision"] == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
