@@ -129,8 +129,15 @@ def _is_instance(value: Any, hint: Any) -> bool:
 
 def _coerce(value: Any, hint: Any) -> Any:
     """Strings from --set become the field's type: '1e-3' -> 0.001, 'true' -> True, 'a,b' -> [a, b]."""
+    if _takes_float(hint) and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)  # YAML's `lr: 1` is a float field's 1.0
     if not isinstance(value, str) or hint is str:
         return value
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint):
+        try:
+            return float(value)  # `hflip=0.5`, `lr=1e-3` (which YAML reads as a string); else `auto`
+        except ValueError:
+            return value
     if typing.get_origin(hint) is list:
         (item,) = typing.get_args(hint)
         return [_coerce(v.strip(), item) for v in value.strip("[]").split(",") if v.strip()]
@@ -143,6 +150,12 @@ def _coerce(value: Any, hint: Any) -> Any:
         return value
     parsed = yaml.safe_load(value)
     return parsed if parsed is not None else value
+
+
+def _takes_float(hint: Any) -> bool:
+    return hint is float or (
+        typing.get_origin(hint) in (typing.Union, types.UnionType) and float in typing.get_args(hint)
+    )
 
 
 def _apply(obj: Any, values: dict[str, Any], problems: list[str], where: str, prefix: str = "") -> None:
@@ -164,7 +177,7 @@ def _apply(obj: Any, values: dict[str, Any], problems: list[str], where: str, pr
         if not _is_instance(value, hint):
             problems.append(f"{where}: {dotted!r} must be {getattr(hint, '__name__', hint)}, got {value!r}")
             continue
-        setattr(obj, key, float(value) if hint is float else value)
+        setattr(obj, key, value)
 
 
 def _nest(dotted: dict[str, Any]) -> dict[str, Any]:
