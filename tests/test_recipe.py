@@ -131,7 +131,7 @@ def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root)
     overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "vflip=auto", "rot90=0", "name=flips"]
     summary = train_run(load_config("tiny", overrides), two_fold_root)
     record = read_json(summary.run_dir / SYMMETRY_FILE)
-    assert record["probe_epochs"] == 2 and set(record["views_log_loss"]) == set(TTA_VIEWS)
+    assert record["probe_epochs"] == 3 and set(record["views_log_loss"]) == set(TTA_VIEWS)
     assert record["decision"] == decide(record["views_log_loss"], record["prior_log_loss"])
     config = run_config(summary.run_dir)
     assert (config.hflip, config.vflip, config.rot90) == (record["decision"]["hflip"], record["decision"]["vflip"], 0)
@@ -146,3 +146,22 @@ def test_bad_flip_values_are_named():
         load_config(None, ["hflip=sometimes"])
     with pytest.raises(KitError, match="hflip, vflip, rot90"):
         load_config(None, ["rot90=2"])
+
+
+def test_on_rendered_digits_kit_keeps_the_plain_view_and_trains_without_flips(tmp_path):
+    # the quick version of bench/bench_recipe.py: orientation-sensitive photos, kit's defaults
+    from kit.demo.digits import materialise_digits
+
+    data = materialise_digits(tmp_path / "digits", limit=500)
+    make_folds(data.data_dir, root=tmp_path, k=2, workers=1)
+    quick = {"model": "resnet10t", "img_size": 32, "epochs": 8}
+    cfg = load_config(None, ["workers=0", "deterministic=true", "name=digits"], quick)
+    assert (cfg.lr, cfg.rrc_scale, cfg.tta, cfg.epoch_choice) == (0.003, [0.75, 1.0], ["auto"], "last")
+    summary = train_run(cfg, tmp_path)
+    assert read_json(summary.run_dir / SYMMETRY_FILE)["decision"] == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
+    assert summary.cv["log_loss"] < 2.0  # it learned
+    views = summary.tta["per_view_log_loss"]
+    for view in ("hflip", "vflip", "rot90", "rot270", "transpose", "transverse"):
+        assert views[view] > views["none"] + 0.2, view  # a mirrored or turned digit is another digit or none
+        assert view not in summary.tta["views"], view  # so the test-time average leaves it out
+    # (rot180 may join: 0, 1 and 8 read the same upside down, and a weak model gains from the average)

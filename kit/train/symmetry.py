@@ -2,7 +2,7 @@
 
 Mirror and rotation augmentation is free accuracy on photos and cells, and a loss on text, digits or
 oriented scans, where a flipped image is another class or none. So before any fold trains, a short probe
-run (fold 0, no flips, about a fifth of the epochs) predicts fold 0's validation rows under each of the
+run (fold 0, no flips, a fifth of the epochs, at least 3) predicts fold 0's validation rows under each of the
 eight views, and a flip is switched on when its view keeps most of what the probe learned:
 
     cfg = resolve_flips(cfg, family, folds, run_dir, root)   # hflip/vflip/rot90 become numbers
@@ -33,7 +33,7 @@ MIN_LEARNED = 0.05  # the probe must beat the class prior by this share of its l
 
 
 def probe_epochs(epochs: int) -> int:
-    return min(epochs, max(2, round(epochs / 5)))
+    return min(epochs, max(3, round(epochs / 5)))  # 2 epochs left a small model on the cells undecided
 
 
 def probe_recipe(cfg: TrainConfig) -> TrainConfig:
