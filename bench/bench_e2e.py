@@ -192,6 +192,7 @@ def run_kit(root: Path, args: list[str]) -> dict:
     run = root / "runs" / name
     rows = pd.concat([pd.read_csv(f) for f in sorted(run.glob("fold*/history.csv"))])
     first, last = rows["started_at"].min(), (rows["started_at"] + rows["seconds"]).max()
+    in_epochs = _covered(list(zip(rows["started_at"], rows["started_at"] + rows["seconds"], strict=True)))
     images = float((rows["images_per_s"] * rows["seconds"]).sum())
     scores = json.loads((run / "scores.json").read_text()) if (run / "scores.json").is_file() else {}
     done_json = [json.loads(f.read_text()) for f in sorted(run.glob("fold*/done.json"))]
@@ -200,13 +201,27 @@ def run_kit(root: Path, args: list[str]) -> dict:
         "startup_s": round(first - started, 2),  # process start to the first training step
         "window_s": round(last - first, 2),  # first training step to the last
         "train_epochs_s": round(float(rows["seconds"].sum()), 2),
-        "share_in_training": round(float(rows["seconds"].sum()) / (last - first), 4),
+        # the window's share during which some fold is in a training epoch (folds side by side overlap)
+        "share_in_training": round(in_epochs / (last - first), 4),
+        "folds_side_by_side": len(list((run / "logs").glob("*.log"))) if (run / "logs").is_dir() else 1,
         "tail_s": round(started + wall - last, 2),  # the last fold's predictions, assembly, exit
         "data_wait": round(float((rows["data_wait"] * rows["seconds"]).sum() / rows["seconds"].sum()), 4),
-        "images_per_s": round(images / float(rows["seconds"].sum()), 1),
+        "images_per_s": round(images / float(rows["seconds"].sum()), 1),  # one fold process's epochs
+        "run_images_per_s": round(images / in_epochs, 1),  # every process's images over the time covered
         "cv": scores.get("cv") or {"fold_log_loss": [d["log_loss"] for d in done_json]},
         "last_line": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
+        "kit_lines": [line for line in done.stderr.splitlines() if line.startswith("kit: ")][-5:],
     }
+
+
+def _covered(intervals: list[tuple[float, float]]) -> float:
+    """Seconds covered by the union of (start, end) intervals."""
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(intervals):
+        if end > reach:
+            total += end - max(start, reach)
+            reach = end
+    return total
 
 
 def run_hand(root: Path, **settings) -> dict:

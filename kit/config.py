@@ -76,6 +76,8 @@ class TrainConfig:
     workers: int = -1  # DataLoader workers; -1: one per core, at most 8
     pipeline: str = "auto"  # auto (device on CUDA with the cache) | device (batched on the GPU) | workers
     gpu_cache_gb: float = -1.0  # device pipeline: image cache in GPU memory up to this size; -1: a quarter of it
+    # folds trained side by side on each GPU (processes); 0: auto, as many as a small model leaves the GPU idle for
+    folds_per_gpu: int = 0
     # optimisation
     epochs: int = 10
     batch_size: int = 32
@@ -119,7 +121,7 @@ RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version", "tta_requested")
 # compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
 RESUME_SAFE_KEYS = {
     *("workers", "device", "cache", "predict_batch_size", "name"),
-    *("gpu_cache_gb", "compile", "cudnn_benchmark"),
+    *("gpu_cache_gb", "compile", "cudnn_benchmark", "folds_per_gpu"),
 }
 
 
@@ -301,6 +303,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (0 <= cfg.ema_decay < 1, "ema_decay must be in [0, 1)"),
         (cfg.precision in ("auto", "bf16", "fp32"), "precision must be auto, bf16 or fp32"),
         (cfg.pipeline in ("auto", "device", "workers"), "pipeline must be auto, device or workers"),
+        (cfg.folds_per_gpu >= 0, "folds_per_gpu must be >= 0 (0: auto)"),
         (cfg.compile in (True, False, "auto"), "compile must be true, false or auto"),
         (
             _tta_ok(cfg.tta),

@@ -128,6 +128,76 @@ def test_gpus_2_trains_each_fold_once_in_parallel_and_equals_a_single_process_ru
     assert not list(run_dir.rglob("checkpoint.safetensors"))
 
 
+def test_folds_side_by_side_in_plain_kit_train_equal_one_after_another(reference, tmp_path):
+    # what kit train does on one GPU with a small model (folds_per_gpu auto); here two CPU workers
+    root = fresh_root(reference, tmp_path)
+    invoke("train", "tiny", *SET, "--set", "folds_per_gpu=2", "--root", root)
+    run_dir = root / "runs" / "tiny"
+    assert claims(run_dir) == [0, 1]
+    assert {log.name.rsplit("-", 1)[1] for log in (run_dir / "logs").iterdir()} == {"cpu0.log", "cpu1.log"}
+    assert_same_run(run_dir, reference / "runs" / "tiny")
+    assert_oof_rows_come_from_their_fold(root, run_dir)
+
+
+def _workers_of(run_dir: Path) -> list[int]:
+    """Pids of live fold workers of this run (their command line names its folder)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"kit.train.parallel" in command and str(run_dir).encode() in command:
+            pids.append(int(proc.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_kill_9_of_kit_train_takes_its_fold_workers_with_it_and_the_run_resumes(reference, tmp_path):
+    root = fresh_root(reference, tmp_path)
+    run_dir = root / "runs" / "tiny"
+    command = [sys.executable, "-m", "kit.cli", "train", "tiny", *SET, "--set", "folds_per_gpu=2", "--root", str(root)]
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while len(_workers_of(run_dir)) < 2 or claims_so_far(run_dir) < 2:
+        assert time.time() < deadline and parent.poll() is None, "the workers did not start"
+        time.sleep(0.05)
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while _workers_of(run_dir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not _workers_of(run_dir), "orphaned fold workers outlived kit train"
+    invoke("train", "tiny", *SET, "--set", "folds_per_gpu=2", "--root", root)  # at once: no lock is held
+    assert_same_run(run_dir, reference / "runs" / "tiny")
+
+
+def claims_so_far(run_dir: Path) -> int:
+    logs = list((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
+    return sum(log.read_text().count(": training") for log in logs)
+
+
+@pytest.mark.parametrize(
+    "step, twice, peak, free, folds, cores, serial, expected",
+    [
+        (0.016, 0.020, 2.0, 140, 5, 16, 35.0, 3),  # lite0@224 b64 on an H200: 4 fit, 3 give the same 2 rounds
+        (0.016, 0.017, 2.0, 140, 5, 16, 35.0, 5),  # all launches: every fold at once
+        (0.016, 0.017, 2.0, 140, 5, 4, 60.0, 2),  # two cores per process
+        (0.016, 0.017, 30.0, 80, 5, 16, 35.0, 1),  # memory: a quarter kept for the images, 30 GB each
+        (0.016, 0.030, 2.0, 140, 5, 16, 35.0, 1),  # the GPU is busy 88% of a step: nothing to fill
+        (0.250, 0.260, 2.0, 140, 5, 16, 900.0, 1),  # a long step is the GPU's own work
+        (0.016, 0.017, 2.0, 140, 5, 16, 10.0, 1),  # a 10 s run cannot pay for the workers' start-up
+        (0.016, 0.017, 2.0, 140, 1, 16, 35.0, 1),  # one fold left
+    ],
+)
+def test_side_by_side_fills_an_idle_gpu_within_memory_cores_and_time(
+    step, twice, peak, free, folds, cores, serial, expected
+):
+    from kit.train.side_by_side import fill_gpu
+
+    assert fill_gpu(step, twice, peak, free, 143.0 if free > 100 else 80.0, folds, cores, serial) == expected
+
+
 def test_a_half_finished_parallel_run_resumes_to_the_uninterrupted_result(reference, tmp_path):
     root = fresh_root(reference, tmp_path)
     cfg = load_config("tiny", overrides=RECIPE)

@@ -85,7 +85,16 @@ def train_run(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> RunSummary:
     root = Path(root)
-    family, cfg, folds, run_dir, fold_ids = plan_run(cfg, root, only_folds)
+    plan = plan_run(cfg, root, only_folds)
+    family, cfg, folds, run_dir, fold_ids = plan
+    if on_epoch_end is None and cfg.device in ("auto", "cuda", "cpu"):  # a callback needs this process
+        from kit.train.parallel import train_on_workers, visible_gpu
+        from kit.train.side_by_side import folds_per_gpu
+
+        todo = [f for f in fold_ids if not (run_dir / f"fold{f}" / "done.json").is_file()]
+        per_gpu = folds_per_gpu(cfg, len(todo), int(len(folds.train) * (folds.k - 1) / folds.k))
+        if per_gpu > 1:  # a small model: several folds at once on the GPU, each in a process of its own
+            return train_on_workers(plan, root, [visible_gpu(cfg.device)], per_gpu)
     with RunLock(run_dir):
         write_config(run_dir, cfg, folds)
         for stale in temporaries(run_dir):  # half-written files of a killed holder of the lock

@@ -98,6 +98,13 @@ def resident(cache: np.ndarray, device: torch.device, budget_gb: float) -> Resid
     return _resident[key]
 
 
+def release_resident() -> None:
+    """Free every resident image table (before worker processes take the GPU over)."""
+    _resident.clear()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
 class EvalBatches:
     """(uint8 NCHW batch on the device, None) of `rows` in order: what predict_logp takes from a loader."""
 

@@ -11,9 +11,12 @@ current epoch, and the same command resumes.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +27,7 @@ from kit.infer.progress import progress_bar
 from kit.train.driver import RunPlan
 
 POLL_S = 0.25
+PARENT_PID = "KIT_PARENT_PID"
 
 
 @dataclass
@@ -61,10 +65,15 @@ def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
         for worker in workers:
             log = logs / f"{host}-{worker.name}.log"
             with open(log, "a") as out:  # the child keeps its own descriptor; a resumed run adds to it
-                env = {**os.environ, "TQDM_DISABLE": "1", **worker.env}  # one progress view: this one
+                # one progress view: this one; the pid lets a worker die with its parent (die_with_parent)
+                env = {**os.environ, "TQDM_DISABLE": "1", PARENT_PID: str(os.getpid()), **worker.env}
                 # a session of its own: Ctrl-C reaches only this process, which stops the workers below
                 proc = subprocess.Popen(
-                    worker.command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+                    worker.command,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
                 )
             running.append((worker, proc, log))
         n_folds, epochs = len(plan.fold_ids), plan.cfg.epochs
@@ -89,6 +98,21 @@ def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
             proc.wait()
 
 
+def die_with_parent() -> None:
+    """In a worker, first thing: a SIGTERM when the process that started it dies, even by SIGKILL (Linux's
+    PR_SET_PDEATHSIG), so no orphan goes on holding a fold's lock, the GPU and the cores while the same
+    command resumes the run. Elsewhere a no-op."""
+    parent = os.environ.get(PARENT_PID)
+    if not parent or not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(parent):  # it died before the wish was made
+        sys.exit(1)
+
+
 def _failure(worker: Worker, code: int, log: Path) -> KitError:
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     errors = [line for line in lines if line.startswith("error: ")]
@@ -98,9 +122,10 @@ def _failure(worker: Worker, code: int, log: Path) -> KitError:
     return WorkerFailed(f"worker {worker.name} failed (exit code {code}): {last}; log {log}; run again to resume")
 
 
-def take_share(cfg: TrainConfig, share: int) -> None:
+def take_share(cfg: TrainConfig, share: int, per_gpu: int = 1) -> None:
     """In a worker, one of `share` on this machine: its part of the cores for torch threads and, when
-    the config leaves it automatic, for DataLoader workers (their count does not change the results).
+    the config leaves it automatic, for DataLoader workers (their count does not change the results);
+    one of `per_gpu` on its GPU: its part of the default image budget there (neither changes results).
 
     CPU float sums depend on the thread count, so a deterministic run keeps torch's default, that of a
     single-process run: its artifacts are then bit-identical to `kit train`'s on the same machine.
@@ -113,3 +138,5 @@ def take_share(cfg: TrainConfig, share: int) -> None:
         torch.set_num_threads(part)
     if cfg.workers < 0:
         cfg.workers = min(8, part)
+    if per_gpu > 1 and cfg.gpu_cache_gb < 0 and torch.cuda.is_available():
+        cfg.gpu_cache_gb = torch.cuda.get_device_properties(0).total_memory / 4 / 2**30 / per_gpu

@@ -1,5 +1,6 @@
 """Folds in parallel: `kit train CONFIG --gpus N` runs N worker processes, one per GPU (N CPU workers on a
-machine without CUDA), each training the next unfinished fold.
+machine without CUDA), each training the next unfinished fold; with a small model several side by side on
+each GPU (`folds_per_gpu`, kit.train.side_by_side), which plain `kit train` on one GPU does too.
 
     summary = train_parallel(load_config("tiny"), root=Path("."), n=2)
 
@@ -14,6 +15,7 @@ The parent shows one progress bar and assembles oof.npz / test.npz.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,10 +24,12 @@ from kit.config import TrainConfig
 from kit.errors import KitError
 from kit.folds import load_folds
 from kit.io import temporaries
-from kit.train.driver import RunSummary, assemble, plan_run, run_config, train_fold, write_config
+from kit.train.driver import RunPlan, RunSummary, assemble, plan_run, run_config, train_fold, write_config
 from kit.train.families import get_family
-from kit.train.launch import Worker, run_workers, take_share
+from kit.train.feed import release_resident
+from kit.train.launch import Worker, die_with_parent, run_workers, take_share
 from kit.train.lock import LockBusy, RunLock
+from kit.train.side_by_side import folds_per_gpu
 
 
 def train_parallel(
@@ -33,21 +37,55 @@ def train_parallel(
 ) -> RunSummary:
     root = Path(root)
     gpus = gpu_ids(n, cfg.device)
-    plan = plan_run(cfg, root, only_folds)
+    return train_on_workers(plan_run(cfg, root, only_folds), root, gpus)
+
+
+def train_on_workers(plan: RunPlan, root: Path, gpus: list[str | None], per_gpu: int | None = None) -> RunSummary:
+    """Train the plan's unfinished folds in worker processes: `per_gpu` on each of `gpus` (None: decided by
+    kit.train.side_by_side from the model's step), or CPU workers where the ids are None."""
     with RunLock(plan.run_dir, shared=True):
         write_config(plan.run_dir, plan.cfg, plan.folds)
         todo = [f for f in plan.fold_ids if not (plan.run_dir / f"fold{f}" / "done.json").is_file()]
-        gpus = gpus[: len(todo)]  # no idle workers
+        if per_gpu is None:
+            per_gpu = 1
+            if gpus and gpus[0] is not None:
+                per_gpu = folds_per_gpu(plan.cfg, math.ceil(len(todo) / len(gpus)), _train_rows(plan))
+        slots = [(gpu, j) for j in range(per_gpu) for gpu in gpus][: len(todo)]  # no idle workers
         command = [sys.executable, "-m", "kit.train.parallel", str(plan.run_dir), "--root", str(root)]
-        command += ["--share", str(len(gpus)), *map(str, todo)]
+        command += ["--share", str(len(slots)), "--per-gpu", str(per_gpu), *map(str, todo)]
         workers = [
-            Worker(f"gpu{gpu}", command, {"CUDA_VISIBLE_DEVICES": gpu}) if gpu else Worker(f"cpu{i}", command, {})
-            for i, gpu in enumerate(gpus)
+            Worker(f"gpu{gpu}" + (f"-{j}" if per_gpu > 1 else ""), command, {"CUDA_VISIBLE_DEVICES": gpu})
+            if gpu is not None
+            else Worker(f"cpu{i}", command, {})
+            for i, (gpu, j) in enumerate(slots)
         ]
         if workers:
-            where = f"{len(gpus)} GPUs" if gpus[0] else f"{len(gpus)} CPU workers"
+            release_resident()  # the parent's copy of the images (a flip probe run's) would crowd the workers
+            n_gpus = len({gpu for gpu, _ in slots})
+            where = f"{len(slots)} CPU workers" if slots[0][0] is None else f"{n_gpus} GPU{'s' * (n_gpus > 1)}"
+            if slots[0][0] is not None and per_gpu > 1:
+                where += f", {per_gpu} side by side on each"
             run_workers(workers, plan, f"{plan.cfg.name}: {len(todo)} folds on {where}")
         return assemble(plan.run_dir, plan.folds)
+
+
+def _train_rows(plan: RunPlan) -> int:
+    return int(len(plan.folds.train) * (plan.folds.k - 1) / plan.folds.k)
+
+
+def visible_gpu(device: str) -> str | None:
+    """The CUDA_VISIBLE_DEVICES entry of a single-device run's GPU (None without CUDA); the workers see
+    only it, as cuda:0."""
+    import torch
+
+    from kit.train.runtime import resolve_device
+
+    target = resolve_device(device)
+    if target.type != "cuda":
+        return None
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [i for i in visible.split(",") if i] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    return ids[target.index or 0]
 
 
 def gpu_ids(n: int, device: str) -> list[str | None]:
@@ -65,10 +103,12 @@ def gpu_ids(n: int, device: str) -> list[str | None]:
     return ids[:n]
 
 
-def work(run_dir: Path, root: Path, fold_ids: list[int], share: int) -> list[int]:
+def work(run_dir: Path, root: Path, fold_ids: list[int], share: int, per_gpu: int = 1) -> list[int]:
     """One worker: train every fold of `fold_ids` that is neither done nor claimed; the folds it trained."""
     cfg = run_config(run_dir)
-    take_share(cfg, share)
+    take_share(cfg, share, per_gpu)
+    if os.environ.get("CUDA_VISIBLE_DEVICES") and cfg.device.startswith("cuda:"):
+        cfg.device = "cuda"  # the parent made this worker's GPU the only one it sees
     folds = load_folds(root)
     family = get_family(cfg.family)
     trained = []
@@ -94,9 +134,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("folds", type=int, nargs="+")
     parser.add_argument("--root", type=Path, required=True)
     parser.add_argument("--share", type=int, default=1, help="workers on this machine; each takes 1/share of it")
+    parser.add_argument("--per-gpu", type=int, default=1, help="workers on this worker's GPU (they split its cache)")
     args = parser.parse_args(argv)
+    die_with_parent()
     try:
-        trained = work(args.run_dir, args.root, args.folds, args.share)
+        trained = work(args.run_dir, args.root, args.folds, args.share, args.per_gpu)
     except KitError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
