@@ -28,6 +28,7 @@ from kit.train.driver import RunPlan
 
 POLL_S = 0.25
 PARENT_PID = "KIT_PARENT_PID"
+LAUNCHED_AT = "KIT_LAUNCHED_AT"  # unix time the parent started the worker: its logs show the start-up cost
 
 
 @dataclass
@@ -67,6 +68,7 @@ def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
             with open(log, "a") as out:  # the child keeps its own descriptor; a resumed run adds to it
                 # one progress view: this one; the pid lets a worker die with its parent (die_with_parent)
                 env = {**os.environ, "TQDM_DISABLE": "1", PARENT_PID: str(os.getpid()), **worker.env}
+                env[LAUNCHED_AT] = str(time.time())
                 # a session of its own: Ctrl-C reaches only this process, which stops the workers below
                 proc = subprocess.Popen(
                     worker.command,

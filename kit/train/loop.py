@@ -12,6 +12,7 @@ import copy
 import csv
 import io
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ CHECKPOINT = "checkpoint.safetensors"
 # only where the epochs left pay that back.
 COMPILE_SECONDS, COMPILE_SPEEDUP = 60.0, 1.3
 WEIGHTS = "model.safetensors"
+FIRST_STEP_NOTE_S = 3.0
 
 
 class EMA:
@@ -200,6 +202,8 @@ class FoldTrainer:
         for step, (images, labels) in enumerate(loader):
             wait += time.perf_counter() - tick
             loss = self.train_step(images, labels, step, step == len(loader) - 1)
+            if step == 0 and time.perf_counter() - tick > FIRST_STEP_NOTE_S:  # kernels set up on the host
+                print(f"kit: {desc}: first step {time.perf_counter() - tick:.1f} s", file=sys.stderr)
             total += loss * len(images)
             count += len(images)
             bar.update()

@@ -18,6 +18,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 from kit.config import TrainConfig
@@ -27,7 +28,7 @@ from kit.io import temporaries
 from kit.train.driver import RunPlan, RunSummary, assemble, plan_run, run_config, train_fold, write_config
 from kit.train.families import get_family
 from kit.train.feed import release_resident
-from kit.train.launch import Worker, die_with_parent, run_workers, take_share
+from kit.train.launch import LAUNCHED_AT, Worker, die_with_parent, run_workers, take_share
 from kit.train.lock import LockBusy, RunLock
 from kit.train.side_by_side import folds_per_gpu
 
@@ -120,6 +121,8 @@ def work(run_dir: Path, root: Path, fold_ids: list[int], share: int, per_gpu: in
                     continue
                 for stale in temporaries(fold_dir):  # half-written files of a worker that died on this fold
                     stale.unlink()
+                launched = float(os.environ.get(LAUNCHED_AT, time.time()))
+                print(f"worker: {time.time() - launched:.1f} s since launch", file=sys.stderr, flush=True)
                 print(f"fold {fold}: training", file=sys.stderr, flush=True)
                 train_fold(family, cfg, folds, fold, fold_dir, root, None)
                 trained.append(fold)

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -87,8 +89,13 @@ def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path)
             return read_json(path)["decision"]
         probe_dir = run_dir / "symmetry_probe"
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
+        start = time.perf_counter()
         record = run_probe(probe_recipe(cfg), family, folds, probe_dir / "fold0", root)
+        record["seconds"] = round(time.perf_counter() - start, 1)
         write_json(path, {**record, "recipe": recipe})
+        flips = ", ".join(f"{k} {v:g}" for k, v in record["decision"].items())
+        took = f"{record['probe_epochs']}-epoch probe run ({record['seconds']:.0f} s)"
+        print(f"kit: flips from a {took}: {flips}", file=sys.stderr)
         shutil.rmtree(probe_dir, ignore_errors=True)
     return record["decision"]
 
