@@ -180,14 +180,15 @@ def claims_so_far(run_dir: Path) -> int:
 @pytest.mark.parametrize(
     "step, twice, peak, free, folds, cores, serial, expected",
     [
-        (0.016, 0.020, 2.0, 140, 5, 16, 35.0, 3),  # lite0@224 b64 on an H200: 4 fit, 3 give the same 2 rounds
-        (0.016, 0.017, 2.0, 140, 5, 16, 35.0, 5),  # all launches: every fold at once
-        (0.016, 0.017, 2.0, 140, 5, 4, 60.0, 2),  # two cores per process
-        (0.016, 0.017, 30.0, 80, 5, 16, 35.0, 1),  # memory: a quarter kept for the images, 30 GB each
-        (0.016, 0.030, 2.0, 140, 5, 16, 35.0, 1),  # the GPU is busy 88% of a step: nothing to fill
+        (0.016, 0.020, 2.0, 140, 5, 16, 300.0, 3),  # 4 fit beside each other; 3 give the same 2 rounds
+        (0.016, 0.017, 2.0, 140, 5, 16, 300.0, 5),  # all launches: every fold at once
+        (0.016, 0.017, 2.0, 140, 4, 4, 300.0, 2),  # two cores per process
+        (0.016, 0.017, 2.0, 140, 5, 4, 300.0, 1),  # 2 at once in 3 rounds: no faster than 5 one by one
+        (0.016, 0.017, 30.0, 80, 5, 16, 300.0, 1),  # memory: a quarter kept for the images, 30 GB each
+        (0.016, 0.030, 2.0, 140, 5, 16, 300.0, 1),  # the GPU is busy 88% of a step: nothing to fill
         (0.250, 0.260, 2.0, 140, 5, 16, 900.0, 1),  # a long step is the GPU's own work
-        (0.016, 0.017, 2.0, 140, 5, 16, 10.0, 1),  # a 10 s run cannot pay for the workers' start-up
-        (0.016, 0.017, 2.0, 140, 1, 16, 35.0, 1),  # one fold left
+        (0.025, 0.022, 2.0, 140, 5, 16, 49.0, 1),  # lite0@224 x 10 epochs: side by side lost on the H200
+        (0.016, 0.017, 2.0, 140, 1, 16, 300.0, 1),  # one fold left
     ],
 )
 def test_side_by_side_fills_an_idle_gpu_within_memory_cores_and_time(

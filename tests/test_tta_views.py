@@ -1,5 +1,6 @@
 """The test-time views are the eight symmetries of the square, and the config knows each by name."""
 
+import pytest
 import torch
 
 from kit.config import TTA_VIEWS
@@ -16,3 +17,20 @@ def test_views_are_the_dihedral_group():
         assert y.shape == x.shape and torch.equal(y.flatten(1).sort(1).values, x.flatten(1).sort(1).values), name
     assert torch.equal(VIEWS["rot90"](VIEWS["rot270"](x)), x)
     assert torch.equal(VIEWS["transpose"](VIEWS["transpose"](x)), x)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_ragged_batch_padded_on_cuda_predicts_its_rows_as_a_full_batch():
+    import timm
+
+    from kit.infer.timm_predict import PAD_ROWS, Normalizer, tta_logp
+
+    model = timm.create_model("resnet10t", num_classes=4).cuda().eval()
+    normalize = Normalizer([0.5] * 3, [0.25] * 3, channels_last=True).cuda()
+    images = torch.randint(0, 256, (PAD_ROWS, 3, 64, 64), dtype=torch.uint8, device="cuda")
+    full = tta_logp(model, images, normalize, ["none", "hflip"], "fp32")
+    ragged = tta_logp(model, images[:37], normalize, ["none", "hflip"], "fp32")
+    assert ragged.shape == (37, 4)
+    torch.testing.assert_close(ragged, full[:37], atol=1e-4, rtol=0)
+    assert torch.allclose(ragged.exp().sum(1), torch.ones(37, device="cuda"), atol=1e-5)

@@ -77,19 +77,28 @@ def raise_bad_image(extra) -> None:
             raise KitError(f"{bad[0]}" + (f" ({len(bad)} unusable images in this batch)" if len(bad) > 1 else ""))
 
 
+# On CUDA cuDNN builds an execution plan per convolution and input shape, about 40 ms each (2 s for
+# lite0's forward, bench/first_step.py): every fold's last, ragged validation batch was a new shape. Batches
+# are padded with blank rows to a multiple of this, the extra rows' outputs dropped.
+PAD_ROWS = 128
+
+
 @torch.no_grad()
 def tta_logp(
     model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, tta: list[str], precision: str
 ) -> torch.Tensor:
     """Log-probabilities [B, C] float32 of one uint8 NCHW batch already on the device, the views in `tta`
     averaged in probability space. The one place a timm model turns pixels into predictions."""
+    n = len(images)
+    if images.is_cuda and n % PAD_ROWS:  # one shape for every ragged batch: cuDNN plans it once
+        images = torch.cat([images, images.new_zeros((PAD_ROWS - n % PAD_ROWS, *images.shape[1:]))])
     x = normalize(images)
     probs = 0
     for name in tta:
         with autocast(x.device, precision):
             logits = model(VIEWS[name](x))
         probs = probs + torch.softmax(logits.float(), dim=-1)
-    return (probs / len(tta)).clamp_min(1e-15).log()
+    return (probs[:n] / len(tta)).clamp_min(1e-15).log()
 
 
 @torch.no_grad()

@@ -26,7 +26,12 @@ from kit.config import TrainConfig
 
 MAX_PER_GPU = 5
 SLOW_STEP_S = 0.1  # a step this long is the GPU's own work: launch overhead is a few ms of it
-MIN_SAVING_S = 8.0  # what side-by-side folds must save over one after another: the workers' start-up
+# what side-by-side folds must save over one after another: a worker's start-up (imports 7.5 s, its first
+# CUDA step 7.5 s of cuDNN plans, bench/first_step.py) and margin; measured on an H200: lite0@224, 5 folds x
+# 10 epochs, 5 side by side 74.8 s against 64.8 s one after another
+MIN_SAVING_S = 25.0
+# processes time-sliced on one GPU (no MPS) do not add up: 5 lite0 folds at once ran at 1.73x one alone
+GAIN_PER_EXTRA_PROCESS = 0.18
 # a fold's time over its bare steps: augmentation, validation, checkpoints, predictions (lite0@224 on an
 # H200: 49 s of window for 35 s of epochs whose steps ran at 3/4 of the bare step's speed)
 FOLD_OVER_STEPS = 1.5
@@ -79,8 +84,9 @@ def fill_gpu(
     n = min(folds_left, by_idle, by_memory, max(1, cores // 2), MAX_PER_GPU)
     rounds = math.ceil(folds_left / n)
     n = math.ceil(folds_left / rounds)  # as few processes as give the same number of rounds
-    # n folds at once take about as long as one (the GPU was idle), k folds about k / n as long as alone
-    saving = serial_s * (1 - rounds / folds_left)
+    # each round: n folds at once, each n / speedup times slower than alone
+    speedup = 1 + GAIN_PER_EXTRA_PROCESS * (n - 1)
+    saving = serial_s - serial_s * rounds / folds_left * n / speedup
     return n if saving >= MIN_SAVING_S else 1
 
 
@@ -89,9 +95,11 @@ def measure_steps(cfg: TrainConfig, warmup: int = 3, timed: int = 8) -> tuple[fl
     import torch
 
     from kit.train.loop import FoldTrainer
-    from kit.train.runtime import resolve_device
+    from kit.train.runtime import resolve_device, set_deterministic
     from kit.train.timm_model import build_model
 
+    # first, as a fold does: a deterministic run's cuBLAS workspace must be set before cuBLAS starts
+    set_deterministic(cfg.deterministic, cfg.cudnn_benchmark)
     device = resolve_device(cfg.device)
     cfg = copy.deepcopy(cfg)
     cfg.compile = False
