@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import CLASSES, make_competition
 
@@ -188,13 +189,23 @@ def test_unknown_name_is_one_line_and_exit_2(project):
     assert result.output.strip().startswith("error: nope: no run or ensemble of that name")
 
 
+def test_the_feature_check_takes_bf16_rounding_and_refuses_other_weights():
+    from kit.bundle.probe import FEATURE_TOLERANCE, relative_error
+
+    rng = np.random.default_rng(0)
+    saved = rng.normal(size=(4, 1280)).astype(np.float32)
+    bf16 = torch.from_numpy(saved).bfloat16().float().numpy()  # what a CUDA run in bf16 saved
+    assert relative_error(bf16, saved) < FEATURE_TOLERANCE / 5
+    assert relative_error(rng.normal(size=saved.shape), saved) > 10 * FEATURE_TOLERANCE
+
+
 def test_a_probe_whose_encoder_no_longer_reproduces_its_features_is_refused(ensembles, tmp_path):
     root = tmp_path / "root"
     shutil.copytree(ensembles, root, ignore=shutil.ignore_patterns("submissions", ".cache"))
     saved = root / "runs" / "probe" / "test_features.npz"
     with np.load(saved) as npz:
         arrays = dict(npz)
-    np.savez(saved, **{**arrays, "features": arrays["features"] + 0.01})
+    np.savez(saved, **{**arrays, "features": arrays["features"][:, ::-1]})  # as another encoder's features
     result = invoke_bundle("featured", "--root", root)
     assert result.exit_code == 2
     assert "the encoder rebuilt from config.json does not reproduce the run's saved test features" in result.output

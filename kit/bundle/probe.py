@@ -18,6 +18,9 @@ from kit.errors import KitError
 from kit.preds import Source
 
 CHECKED_ROWS = 4
+# The run may have encoded on CUDA in bf16 and the check encodes on the CPU in fp32: rows agree to about 1%
+# of their norm then, where other weights miss by about 100%
+FEATURE_TOLERANCE = 0.05
 
 
 def probe_spec(cfg: TrainConfig) -> dict:
@@ -49,11 +52,17 @@ def check_reproduces(encoder: torch.nn.Module, spec: dict, source: Source, test_
     with np.load(source.path / "test_features.npz", allow_pickle=False) as npz:
         saved = npz["features"][:CHECKED_ROWS]
     got = encode_with(encoder, spec, torch.device("cpu"), test_paths[:CHECKED_ROWS], desc="checking the encoder")
-    if got.shape != saved.shape or not np.allclose(got, saved, rtol=1e-4, atol=1e-4):
+    if got.shape != saved.shape or relative_error(got, saved) > FEATURE_TOLERANCE:
         raise KitError(
             f"{source.path}: the encoder rebuilt from config.json does not reproduce the run's saved test "
             "features (other pretrained weights than at training time?)"
         )
+
+
+def relative_error(got: np.ndarray, saved: np.ndarray) -> float:
+    """The largest row's distance between two feature tables, relative to that row's norm."""
+    distance = np.linalg.norm(got.astype(np.float64) - saved, axis=1)
+    return float((distance / np.maximum(np.linalg.norm(saved.astype(np.float64), axis=1), 1e-12)).max())
 
 
 def probe_parts(source: Source, cfg: TrainConfig, fold_dirs: list[Path], test_paths: list[str], got) -> tuple:
