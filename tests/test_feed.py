@@ -173,3 +173,12 @@ def test_device_and_worker_pipelines_learn_alike(roots, device_run):
     cfg.pipeline = "workers"
     in_workers = load_predictor(cfg, device_run.run_dir, 0, roots["device"])(paths)
     np.testing.assert_allclose(on_device, in_workers, atol=1e-5, rtol=0)
+    # and each test-time view of tta: auto and the flip probe, from the resident images or the loader
+    from kit.train.timm_family import load_view_predictor
+
+    views = ["none", "hflip", "rot90", "transverse"]
+    in_workers = load_view_predictor(cfg, device_run.run_dir, 0, roots["device"])(paths, views)
+    cfg.pipeline = "device"
+    on_device = load_view_predictor(cfg, device_run.run_dir, 0, roots["device"])(paths, views)
+    assert on_device.shape == (len(views), len(paths), 3)
+    np.testing.assert_allclose(on_device, in_workers, atol=1e-5, rtol=0)

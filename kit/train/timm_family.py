@@ -10,7 +10,7 @@ import torch
 
 from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
-from kit.infer.timm_predict import TimmFold, timm_spec
+from kit.infer.timm_predict import TimmFold, predict_view_logp, timm_spec
 from kit.train import distributed
 from kit.train.dataset import image_cache
 from kit.train.feed import EvalBatches, fold_feed, resident, use_device_pipeline
@@ -134,7 +134,11 @@ def load_view_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) 
 
     def predict(paths: list[str], views: list[str]) -> np.ndarray:
         cache, rows = _cache_for(cfg, paths, root)
+        desc = f"fold {fold}: {len(views)} views"
+        if cache is not None and use_device_pipeline(cfg, device):  # as load_predictor: no loader workers
+            batches = EvalBatches(resident(cache, device, cfg.gpu_cache_gb), rows, _predict_batch(cfg, device))
+            return predict_view_logp(model.model, batches, device, model.normalize, views, cfg.precision, desc)
         workers = default_workers(cfg.workers)
-        return model.views(paths, views, workers, cache=cache, cache_rows=rows, desc=f"fold {fold}: {len(views)} views")
+        return model.views(paths, views, workers, cache=cache, cache_rows=rows, desc=desc)
 
     return predict
