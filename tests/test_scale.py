@@ -331,3 +331,11 @@ def test_two_processes_share_one_optuna_study_through_sqlite(tmp_path):
     assert {t.user_attrs["pid"] for t in study.trials} == {proc.pid for proc in procs}  # both took part
     seeded = [t for t in study.trials if t.params["t"] == 1.0 and all(t.params[f"t{m}"] == 1.0 for m in range(3))]
     assert len(seeded) == 2  # equal weights and the start blend, enqueued once by the process that made the study
+
+
+def test_twice_the_batch_is_timed_only_when_side_by_side_could_pay():
+    from kit.train.side_by_side import MIN_SAVING_S, best_saving, saving
+
+    assert best_saving(49.0, 5) < MIN_SAVING_S  # lite0@224 x 10 epochs (~49 s one after another): no second shape
+    assert best_saving(300.0, 5) == saving(300.0, 5, 5) > MIN_SAVING_S
+    assert saving(300.0, 5, 1) == 0.0 and best_saving(300.0, 1) == 0.0

@@ -2,16 +2,18 @@
 
 A small model at a modest batch leaves an H200 mostly idle: efficientnet_lite0 at 224 px and batch 64 takes
 about 16 ms a step, almost all of it Python and kernel launches, and twice the batch costs barely more. Then
-several folds trained at once, each its own process on the same GPU, fill the gaps the others leave, and
-a run of k folds finishes in a fraction of the time. A large model fills the GPU alone and gains nothing.
+several folds trained at once, each its own process on the same GPU, fill the gaps the others leave. Not
+for free: processes time-sliced on one GPU (no MPS) ran 5 lite0 folds at 1.73x one alone, and each worker
+starts by paying ~15 s (imports, its first CUDA step's cuDNN plans). A large model fills the GPU alone.
 
-    n = folds_per_gpu(cfg, folds_left=5)   # 1 on a CPU or for a GPU-bound step; up to MAX_PER_GPU
+    n = folds_per_gpu(cfg, folds_left=5, train_rows=1679)   # 1 on a CPU, for a short run, a GPU-bound step
 
 auto times a few synthetic training steps of the run's own model (kit's step: precision, channels_last,
 EMA, mixup) at the run's batch and at twice it. A step of time t at batch b and t2 at 2b spends about
 t2 - t on the GPU's arithmetic for b images, so alone it keeps the GPU busy (t2 - t) / t of the time;
-that many more processes fit beside it, within the GPU's free memory and the machine's cores. Each fold's
-randomness follows from (seed, fold, epoch) only, so the artifacts are those of one fold after another.
+that many more processes fit beside it, within the GPU's free memory and the machine's cores, when the plan
+saves MIN_SAVING_S over one fold after another (twice the batch is timed only when even the best plan could).
+Each fold's randomness follows from (seed, fold, epoch) only: the artifacts are those of one after another.
 """
 
 from __future__ import annotations
@@ -47,11 +49,16 @@ def folds_per_gpu(cfg: TrainConfig, folds_left: int, train_rows: int) -> int:
 
     if folds_left < 2 or cfg.family != "timm" or resolve_device(cfg.device).type != "cuda":
         return 1
-    step, step_twice, peak_gb = measure_steps(cfg)
-    free, _ = torch.cuda.mem_get_info()
-    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+    # the run's own batch first: its cuDNN plans serve fold 0 in this process; twice it (a new shape: ~7 s of
+    # plans for lite0) only when even the best plan could pay for its workers
+    ((step, peak_gb),) = measure_steps(cfg, [cfg.batch_size])
     steps = folds_left * cfg.epochs * max(1, train_rows // cfg.batch_size)
     serial = steps * step * FOLD_OVER_STEPS
+    if step >= SLOW_STEP_S or best_saving(serial, folds_left) < MIN_SAVING_S:
+        return 1
+    ((step_twice, _),) = measure_steps(cfg, [2 * cfg.batch_size])
+    free, _ = torch.cuda.mem_get_info()
+    total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     n = fill_gpu(step, step_twice, peak_gb, free / 2**30, total / 2**30, folds_left, _cores(), serial)
     if n > 1:
         busy = (step_twice - step) / step
@@ -82,16 +89,24 @@ def fill_gpu(
     by_idle = max(1, math.floor(1 / busy))
     by_memory = max(1, math.floor((0.8 * free_gb - total_gb / 4) / (peak_gb + 1.0)))
     n = min(folds_left, by_idle, by_memory, max(1, cores // 2), MAX_PER_GPU)
+    n = math.ceil(folds_left / math.ceil(folds_left / n))  # as few processes as give the same number of rounds
+    return n if saving(serial_s, folds_left, n) >= MIN_SAVING_S else 1
+
+
+def best_saving(serial_s: float, folds_left: int) -> float:
+    """What side-by-side folds could save at best: every fold at once (or MAX_PER_GPU) on an idle GPU."""
+    return saving(serial_s, folds_left, min(folds_left, MAX_PER_GPU))
+
+
+def saving(serial_s: float, folds_left: int, n: int) -> float:
+    """Seconds saved by n processes over one fold after another: each round runs n folds at once, each
+    n / speedup times slower than alone."""
     rounds = math.ceil(folds_left / n)
-    n = math.ceil(folds_left / rounds)  # as few processes as give the same number of rounds
-    # each round: n folds at once, each n / speedup times slower than alone
-    speedup = 1 + GAIN_PER_EXTRA_PROCESS * (n - 1)
-    saving = serial_s - serial_s * rounds / folds_left * n / speedup
-    return n if saving >= MIN_SAVING_S else 1
+    return serial_s - serial_s * rounds / folds_left * n / (1 + GAIN_PER_EXTRA_PROCESS * (n - 1))
 
 
-def measure_steps(cfg: TrainConfig, warmup: int = 3, timed: int = 8) -> tuple[float, float, float]:
-    """Seconds per training step of the run's model at its batch and at twice it; peak GiB at its batch."""
+def measure_steps(cfg: TrainConfig, batches: list[int], warmup: int = 3, timed: int = 8) -> list[tuple[float, float]]:
+    """(seconds per training step, peak GiB) of the run's model at each batch size, on synthetic images."""
     import torch
 
     from kit.train.loop import FoldTrainer
@@ -107,8 +122,8 @@ def measure_steps(cfg: TrainConfig, warmup: int = 3, timed: int = 8) -> tuple[fl
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, warmup + timed)
     trainer.model.train()
     size = cfg.img_size or 224
-    seconds = []
-    for batch in (cfg.batch_size, 2 * cfg.batch_size):
+    measured = []
+    for batch in batches:
         images = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, device=device)
         images = images.permute(0, 3, 1, 2)  # the device feed's layout: NHWC storage seen as NCHW
         labels = torch.randint(0, cfg.num_classes, (batch,), device=device)
@@ -119,12 +134,10 @@ def measure_steps(cfg: TrainConfig, warmup: int = 3, timed: int = 8) -> tuple[fl
                 start = time.perf_counter()
             loss = trainer.train_step(images, labels, i, False)
         float(loss)
-        seconds.append((time.perf_counter() - start) / timed)
-        if batch == cfg.batch_size:
-            peak = torch.cuda.max_memory_allocated() / 2**30
+        measured.append(((time.perf_counter() - start) / timed, torch.cuda.max_memory_allocated() / 2**30))
     del trainer, model
     torch.cuda.empty_cache()
-    return seconds[0], seconds[1], peak
+    return measured
 
 
 def _cores() -> int:
