@@ -200,10 +200,12 @@ class FoldTrainer:
         bar = progress_bar(total=len(loader), desc=desc, unit="batch")
         tick = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
-            wait += time.perf_counter() - tick
+            fetched = time.perf_counter()
+            wait += fetched - tick
             loss = self.train_step(images, labels, step, step == len(loader) - 1)
-            if step == 0 and time.perf_counter() - tick > FIRST_STEP_NOTE_S:  # kernels set up on the host
-                print(f"kit: {desc}: first step {time.perf_counter() - tick:.1f} s", file=sys.stderr)
+            first = time.perf_counter() - fetched
+            if step == 0 and self.device.type == "cuda" and first > FIRST_STEP_NOTE_S:  # cuDNN planning its convs
+                print(f"kit: {desc}: first step {first:.1f} s", file=sys.stderr)
             total += loss * len(images)
             count += len(images)
             bar.update()
