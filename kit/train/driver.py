@@ -88,11 +88,9 @@ def train_run(
     plan = plan_run(cfg, root, only_folds)
     family, cfg, folds, run_dir, fold_ids = plan
     if on_epoch_end is None and cfg.device in ("auto", "cuda", "cpu"):  # a callback needs this process
-        from kit.train.parallel import train_on_workers, visible_gpu
-        from kit.train.side_by_side import folds_per_gpu
+        from kit.train.parallel import side_by_side, train_on_workers, visible_gpu
 
-        todo = [f for f in fold_ids if not (run_dir / f"fold{f}" / "done.json").is_file()]
-        per_gpu = folds_per_gpu(cfg, len(todo), int(len(folds.train) * (folds.k - 1) / folds.k))
+        per_gpu = side_by_side(plan, 1)
         if per_gpu > 1:  # a small model: several folds at once on the GPU, each in a process of its own
             return train_on_workers(plan, root, [visible_gpu(cfg.device)], per_gpu)
     with RunLock(run_dir):

@@ -71,11 +71,7 @@ def run_workers(workers: list[Worker], plan: RunPlan, desc: str) -> None:
                 env[LAUNCHED_AT] = str(time.time())
                 # a session of its own: Ctrl-C reaches only this process, which stops the workers below
                 proc = subprocess.Popen(
-                    worker.command,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    start_new_session=True,
+                    worker.command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
                 )
             running.append((worker, proc, log))
         n_folds, epochs = len(plan.fold_ids), plan.cfg.epochs

@@ -203,9 +203,8 @@ class FoldTrainer:
             fetched = time.perf_counter()
             wait += fetched - tick
             loss = self.train_step(images, labels, step, step == len(loader) - 1)
-            first = time.perf_counter() - fetched
-            if step == 0 and self.device.type == "cuda" and first > FIRST_STEP_NOTE_S:  # cuDNN planning its convs
-                print(f"kit: {desc}: first step {first:.1f} s", file=sys.stderr)
+            if step == 0:
+                self._note_first_step(time.perf_counter() - fetched, desc)
             total += loss * len(images)
             count += len(images)
             bar.update()
@@ -222,6 +221,11 @@ class FoldTrainer:
             "images_per_s": round(count / seconds, 1),
             "started_at": round(started_at, 3),  # unix time: where the epoch sits in the run's wall clock
         }
+
+    def _note_first_step(self, seconds: float, desc: str) -> None:
+        """One line when a CUDA process's first step is slow: cuDNN planning every convolution's shape."""
+        if self.device.type == "cuda" and seconds > FIRST_STEP_NOTE_S:
+            print(f"kit: {desc}: first step {seconds:.1f} s", file=sys.stderr)
 
     def state(self) -> tuple[dict, dict]:
         parts = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -46,11 +46,9 @@ def train_on_workers(plan: RunPlan, root: Path, gpus: list[str | None], per_gpu:
     kit.train.side_by_side from the model's step), or CPU workers where the ids are None."""
     with RunLock(plan.run_dir, shared=True):
         write_config(plan.run_dir, plan.cfg, plan.folds)
-        todo = [f for f in plan.fold_ids if not (plan.run_dir / f"fold{f}" / "done.json").is_file()]
+        todo = unfinished(plan)
         if per_gpu is None:
-            per_gpu = 1
-            if gpus and gpus[0] is not None:
-                per_gpu = folds_per_gpu(plan.cfg, math.ceil(len(todo) / len(gpus)), _train_rows(plan))
+            per_gpu = side_by_side(plan, len(gpus)) if gpus and gpus[0] is not None else 1
         slots = [(gpu, j) for j in range(per_gpu) for gpu in gpus][: len(todo)]  # no idle workers
         command = [sys.executable, "-m", "kit.train.parallel", str(plan.run_dir), "--root", str(root)]
         command += ["--share", str(len(slots)), "--per-gpu", str(per_gpu), *map(str, todo)]
@@ -70,23 +68,30 @@ def train_on_workers(plan: RunPlan, root: Path, gpus: list[str | None], per_gpu:
         return assemble(plan.run_dir, plan.folds)
 
 
-def _train_rows(plan: RunPlan) -> int:
-    return int(len(plan.folds.train) * (plan.folds.k - 1) / plan.folds.k)
+def unfinished(plan: RunPlan) -> list[int]:
+    return [f for f in plan.fold_ids if not (plan.run_dir / f"fold{f}" / "done.json").is_file()]
+
+
+def side_by_side(plan: RunPlan, n_gpus: int) -> int:
+    """Fold processes per GPU for the plan's unfinished folds spread over `n_gpus` (kit.train.side_by_side)."""
+    train_rows = int(len(plan.folds.train) * (plan.folds.k - 1) / plan.folds.k)
+    return folds_per_gpu(plan.cfg, math.ceil(len(unfinished(plan)) / n_gpus), train_rows)
 
 
 def visible_gpu(device: str) -> str | None:
     """The CUDA_VISIBLE_DEVICES entry of a single-device run's GPU (None without CUDA); the workers see
     only it, as cuda:0."""
-    import torch
-
     from kit.train.runtime import resolve_device
 
     target = resolve_device(device)
-    if target.type != "cuda":
-        return None
+    return _visible_ids()[target.index or 0] if target.type == "cuda" else None
+
+
+def _visible_ids() -> list[str]:
+    import torch
+
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [i for i in visible.split(",") if i] if visible else [str(i) for i in range(torch.cuda.device_count())]
-    return ids[target.index or 0]
+    return [i for i in visible.split(",") if i] if visible else [str(i) for i in range(torch.cuda.device_count())]
 
 
 def gpu_ids(n: int, device: str) -> list[str | None]:
@@ -97,8 +102,7 @@ def gpu_ids(n: int, device: str) -> list[str | None]:
         return [None] * n
     if device not in ("auto", "cuda"):
         raise KitError(f"--gpus {n} gives each worker a GPU of its own: leave --device at auto or cuda, not {device}")
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    ids = [i for i in visible.split(",") if i] if visible else [str(i) for i in range(torch.cuda.device_count())]
+    ids = _visible_ids()
     if n > len(ids):
         raise KitError(f"--gpus {n}: only {len(ids)} GPUs are visible")
     return ids[:n]
