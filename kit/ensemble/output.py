@@ -6,7 +6,6 @@ every score (cross-fitted and in-sample, per member and for the ensemble), the f
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from kit.ensemble.members import Members
 from kit.ensemble.methods import Settings
 from kit.ensemble.scores import reliability
 from kit.io import staged_dir, write_bytes, write_json
+from kit.optuna_storage import redact
 from kit.preds import Predictions, save_predictions
 
 PARAMS_FILE = "params.safetensors"
@@ -34,7 +34,7 @@ def _jsonable(value):
 
 def _redact(url: str | None) -> str | None:
     """An RDB URL without its password: recipe.json may be shared."""
-    return None if url is None else re.sub(r"://([^:@/]*):[^@/]*@", r"://\1:***@", url)
+    return None if url is None else redact(url)
 
 
 def _scores(summary, best: CrossFit, results: dict[str, CrossFit]) -> dict:

@@ -10,8 +10,6 @@ several processes or machines add trials to one study until it holds `trials` of
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
 from kit.ensemble.blend import Blend, BlendLoss
@@ -75,7 +73,9 @@ def tune(
     from optuna.trial import FixedTrial, TrialState
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = _open_storage(storage) if storage else None
+    from kit.optuna_storage import open_storage
+
+    storage = open_storage(storage, heartbeats=False) if storage else None
     sampler = optuna.samplers.TPESampler(seed=seed)
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, sampler=sampler, direction="minimize")
@@ -96,18 +96,3 @@ def tune(
         return start, 0
     best = objective.suggest(FixedTrial(study.best_params))
     return (best if study.best_value < objective.loss.value(start) else start), done
-
-
-def _open_storage(url: str, attempts: int = 5):
-    """Optuna's RDB storage. Processes that open a new database together race to write its schema; the
-    losers find it written when they try again."""
-    import optuna
-    from sqlalchemy.exc import DBAPIError
-
-    for attempt in range(attempts):
-        try:
-            return optuna.storages.RDBStorage(url)
-        except DBAPIError:
-            if attempt == attempts - 1:
-                raise
-            time.sleep(0.2 * (attempt + 1))

@@ -26,13 +26,14 @@ from kit.config import RESUME_SAFE_KEYS, TrainConfig, to_dict
 from kit.errors import KitError
 from kit.folds import Folds, load_folds
 from kit.io import write_json, write_text
+from kit.optuna_storage import open_storage, redact
 from kit.preds import RUNS_DIR
 from kit.train.driver import remove_run, train_run
 from kit.train.lock import LockBusy
 from kit.tune.objective import EpochHook, Objective, score_folds
 from kit.tune.report import format_params, trials_table, write_best, write_plot, write_table
 from kit.tune.space import Space, check_model, default_space, load_space
-from kit.tune.study import finished, open_storage, open_study, redact, run_study
+from kit.tune.study import finished, open_study, run_study
 
 TUNE_DIR = "tune"
 DEFAULT_TRIALS = 20
@@ -128,7 +129,7 @@ def prepare(base: TrainConfig, root: Path, options: TuneOptions) -> Setup:
     url = options.storage or f"sqlite:///{(out_dir / 'optuna.db').resolve()}"
     if options.storage is None:
         out_dir.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(url)  # before building a model: an unreachable database is named at once
+    storage = open_storage(url, heartbeats=True)  # before building a model: an unreachable database is named at once
     space, resolved = build_space(base, folds, given)
     out_dir.mkdir(parents=True, exist_ok=True)
     identity = {

@@ -1,6 +1,6 @@
 """The Optuna side of `kit tune`: the storage, the study, the budget.
 
-    storage = open_storage("sqlite:///tune.db")                 # or postgresql://..., mysql://...
+    storage = open_storage("sqlite:///tune.db", heartbeats=True)   # kit.optuna_storage
     study = open_study(storage, "x", seed=0, prune=True, startup_trials=5, identity={...}, start={...})
     run_study(study, objective, trials=20, timeout=None)
 
@@ -16,69 +16,12 @@ from __future__ import annotations
 import json
 import os
 import socket
-import time
-import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from kit.errors import KitError
 
-HEARTBEAT_S, GRACE_S = 30, 120
 WARMUP_STEPS = 1  # no pruning on the first epoch of a trial: every recipe starts from the same loss
-
-
-def redact(url: str) -> str:
-    """The storage URL without its password (it goes into messages and summary.json)."""
-    try:
-        from sqlalchemy.engine import make_url
-
-        return make_url(url).render_as_string(hide_password=True)
-    except Exception:
-        return url.split("@")[-1]
-
-
-def open_storage(url: str, attempts: int = 5):
-    """Optuna's RDB storage with heartbeats; any failure to reach it is one KitError naming the URL.
-
-    Processes that open a new SQLite database together race to write its schema; the losers find it
-    written when they try again."""
-    import optuna
-    from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
-
-    shown = redact(url)
-    if url.startswith("sqlite:///"):
-        path = Path(url.removeprefix("sqlite:///"))
-        if path.name != ":memory:" and not path.parent.is_dir():
-            raise KitError(f"--storage {shown}: folder {path.parent} does not exist")
-    engine = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # wait for a busy writer
-    for attempt in range(attempts):
-        try:
-            with warnings.catch_warnings():  # heartbeats and retries are "experimental" since Optuna 2.8
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                retry, kwarg = _retry_callback()
-                kwargs = {"heartbeat_interval": HEARTBEAT_S, "grace_period": GRACE_S, kwarg: retry(max_retry=2)}
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine, **kwargs)
-        except ArgumentError as e:
-            raise KitError(f"--storage {shown}: not a database URL ({_first_line(e)})") from None
-        except ImportError as e:
-            raise KitError(f"--storage {shown}: its database driver is not installed ({_first_line(e)})") from None
-        except DBAPIError as e:
-            if attempt == attempts - 1 or e.connection_invalidated:
-                raise KitError(f"--storage {shown}: cannot open it ({_first_line(e.orig or e)})") from None
-            time.sleep(0.2 * (attempt + 1))
-        except (SQLAlchemyError, ValueError) as e:
-            raise KitError(f"--storage {shown}: cannot open it ({_first_line(e)})") from None
-    raise AssertionError("unreachable")
-
-
-def _retry_callback():
-    """Optuna 4.9 renamed the callback that queues a stale trial again."""
-    import optuna.storages as storages
-
-    if hasattr(storages, "RetryHeartbeatStaleTrialCallback"):
-        return storages.RetryHeartbeatStaleTrialCallback, "heartbeat_stale_trial_callback"
-    return storages.RetryFailedTrialCallback, "failed_trial_callback"
 
 
 def open_study(
@@ -181,7 +124,3 @@ def run_study(
 def worker_id() -> str:
     """Which process ran a trial: trials of several machines share one study."""
     return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
