@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kit.config import TrainConfig
+from kit.infer.timm_predict import use_channels_last
 from kit.train.loop import FoldTrainer, Normalizer
 from kit.train.runtime import autocast, resolve_device, set_deterministic
 from kit.train.timm_model import build_model
@@ -46,7 +47,7 @@ def reference_step(
 ) -> Callable:
     """The loop as one would write it by hand: normalise, autocast, cross-entropy, fused AdamW;
     `wrap` (e.g. DistributedDataParallel) is applied to the model once it is on the device."""
-    channels_last = cfg.channels_last and device.type == "cuda"
+    channels_last = use_channels_last(cfg.channels_last, device)
     model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format).train()
     forward = wrap(model) if wrap is not None else model
     forward = torch.compile(forward) if cfg.compile is True else forward
@@ -220,4 +221,4 @@ def format_rows(rows: list[dict]) -> str:
 
 
 def normalizer_for(cfg: TrainConfig, device: torch.device) -> Normalizer:
-    return Normalizer(cfg.mean, cfg.std, cfg.channels_last and device.type == "cuda").to(device)
+    return Normalizer(cfg.mean, cfg.std, use_channels_last(cfg.channels_last, device)).to(device)

@@ -96,7 +96,7 @@ class TrainConfig:
     # runtime
     device: str = "auto"  # auto | cpu | cuda | cuda:1
     precision: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
-    channels_last: bool = True  # CUDA only
+    channels_last: bool = True  # on CUDA and the CPU (kit.infer.timm_predict.use_channels_last)
     # cuDNN timing its algorithms per conv shape: ~30 s of the first epoch for lite0@224 on an H200, and no
     # faster steps after it (2,979 img/s without, about 2,650 with): off unless a model shows it pays
     cudnn_benchmark: bool = False

@@ -36,6 +36,7 @@ def probe_spec(cfg: TrainConfig) -> dict:
         "mean": list(cfg.mean),
         "std": list(cfg.std),
         "precision": cfg.precision,
+        "channels_last": cfg.channels_last,
         "batch_size": cfg.predict_batch_size or 2 * cfg.batch_size,
     }
 

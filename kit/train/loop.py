@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from kit.config import TrainConfig
 from kit.infer.progress import progress_bar
-from kit.infer.timm_predict import Normalizer
+from kit.infer.timm_predict import Normalizer, use_channels_last
 from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
@@ -113,7 +113,7 @@ class FoldTrainer:
         self, cfg: TrainConfig, model: torch.nn.Module, data_cfg: dict, device: torch.device, steps_per_epoch: int
     ):
         self.cfg, self.device = cfg, device
-        channels_last = cfg.channels_last and device.type == "cuda"
+        channels_last = use_channels_last(cfg.channels_last, device)
         self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.normalize = Normalizer(data_cfg["mean"], data_cfg["std"], channels_last).to(device)
         self.optimizer = torch.optim.AdamW(
