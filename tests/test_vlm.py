@@ -194,3 +194,27 @@ def test_aligned_vision_mlp_gives_the_same_image_features(tiny_qwen, vlm_root):
     after = next(encoded_batches(vl, prompter, paths, np.arange(2), 2, 0))[1]
     for a, b in zip(before, after, strict=True):
         torch.testing.assert_close(b.features, a.features, atol=1e-6, rtol=1e-6)
+
+
+def test_the_pixel_budget_holds_for_a_processor_saved_as_the_hub_saves_qwen(tiny_qwen, tmp_path):
+    """Qwen2.5-VL's hub files keep min_pixels/max_pixels at the top of preprocessor_config.json; kit's
+    vlm.min_pixels/max_pixels must win over them (a `size=` argument did not: transformers kept the file's)."""
+    import shutil
+
+    from PIL import Image
+
+    from kit.vlm.inputs import Prompter
+
+    hub = tmp_path / "hub-layout"
+    shutil.copytree(tiny_qwen, hub)
+    processor = json.loads((hub / "processor_config.json").read_text())
+    files = {"image_processor": "preprocessor_config.json", "video_processor": "video_preprocessor_config.json"}
+    for part, name in files.items():
+        settings = processor.pop(part)
+        settings.pop("size")
+        (hub / name).write_text(json.dumps({**settings, "min_pixels": 56 * 56, "max_pixels": 12845056}))
+    (hub / "processor_config.json").write_text(json.dumps(processor))
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (300, 300, 3), dtype=np.uint8))
+    budget = 4 * 56 * 56  # 12,544 pixels: 300 x 300 fits as 84 x 84 (multiples of 28), 6 x 6 patches of 14
+    grid = Prompter.load(tiny_config(hub, f"vlm.min_pixels={budget}", f"vlm.max_pixels={budget}")).pixels(image)
+    assert grid["image_grid_thw"].tolist() == [[1, 6, 6]]  # the file's own budget gives 22 x 22

@@ -44,8 +44,9 @@ class Prompter:
         try:
             config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=remote)
             grid = is_grid_model(config.model_type)
-            # Qwen's pixel budget as `size` (transformers 5 deprecates min_pixels/max_pixels keywords)
-            caps = {"size": {"shortest_edge": cfg.vlm.min_pixels, "longest_edge": cfg.vlm.max_pixels}} if grid else {}
+            # min_pixels/max_pixels, not size={shortest_edge, longest_edge}: a hub processor config that has
+            # min_pixels/max_pixels keys (Qwen2.5-VL's do) overrides a `size` argument (transformers 5.24)
+            caps = {"min_pixels": cfg.vlm.min_pixels, "max_pixels": cfg.vlm.max_pixels} if grid else {}
             processor = AutoProcessor.from_pretrained(cfg.model, trust_remote_code=remote, **caps)
         except (OSError, ValueError) as e:
             raise KitError(f"model {cfg.model!r}: cannot load its processor ({str(e).splitlines()[0][:160]})") from None
