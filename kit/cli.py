@@ -349,7 +349,7 @@ def demo(root, quick, recipe) -> None:
 
     Materialises the elpv-dataset photos (installed by the demo extra) as a Dacon contest, makes 5
     folds, trains the recipe's members, ensembles, submits, bundles, runs the bundle offline and prints
-    one table. cpu: fine-tuned EfficientNet-Lite0, MobileNetV3, a frozen-feature probe and a tiny VLM
+    one table. cpu: fine-tuned EfficientNet-Lite0, a frozen-feature probe and a tiny VLM
     pipeline check. gpu: EfficientNet-Lite0/1/2 fine-tuned at 300 px with dihedral TTA (the lite1/lite2
     weights come from the gpu-demo extra), a probe on Lite2 and the tiny VLM.
     """
