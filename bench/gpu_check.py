@@ -210,6 +210,45 @@ def check_families_and_bundle(root: Path, data, check: Check) -> None:
         same = list(ours.columns) == list(theirs.columns) and ours.iloc[:, 0].equals(theirs.iloc[:, 0])
         diff = float(np.abs(ours.iloc[:, 1:].to_numpy() - theirs.iloc[:, 1:].to_numpy()).max()) if same else 1.0
         check("bundle parity with kit submit", same and diff < 1e-4, f"max |diff| {diff:.2e} (tolerance 1e-4)")
+        gaps = member_gaps(root, bundle, data.data_dir / "test", "cuda", {"gc_vlm": str(tiny)})
+        check(
+            "parity per member (bundle's predictor vs the run's test.npz)",
+            max(gaps.values()) < 1e-4,
+            ", ".join(f"{name} {gap:.2e}" for name, gap in gaps.items()),
+        )
+
+
+def member_gaps(root: Path, bundle: Path, images: Path, device: str, bases: dict[str, str]) -> dict[str, float]:
+    """Per run in a bundle: max |probability difference| between the bundle's predictor (in this process, the
+    same code infer.py embeds) and the test predictions the run saved at training time. Finds which member
+    a parity gap comes from."""
+    import ast
+    import base64
+    import gzip
+
+    import torch
+
+    from kit.infer.predict import Context, predict_tree
+    from kit.infer.testset import match_images
+
+    script = ast.parse((bundle / "infer.py").read_text())
+    constant = {n.targets[0].id: n.value for n in script.body if isinstance(n, ast.Assign)}
+    recipe = ast.literal_eval(constant["BUNDLE"])  # as infer.py reads its two constants
+    recipe["test"] = json.loads(gzip.decompress(base64.b64decode(ast.literal_eval(constant["TEST_TABLE"]))))
+    rows = match_images(images, recipe["test"]["ids"], recipe["test"]["files"])
+    ctx = Context(bundle / "weights", torch.device(device), 4, None, bases)
+    predict_tree(recipe["root"], rows.paths, ctx)
+    gaps, stack = {}, [recipe["root"]]
+    while stack:
+        node = stack.pop()
+        if node["kind"] == "ensemble":
+            stack.extend(node["members"])
+            continue
+        with np.load(root / "runs" / node["name"] / "test.npz") as saved:
+            order = {i: n for n, i in enumerate(saved["ids"].astype(str))}
+            logp = saved["logp"][[order[i] for i in rows.ids]]
+        gaps[node["name"]] = float(np.abs(np.exp(ctx.done[node["key"]]) - np.exp(logp)).max())
+    return gaps
 
 
 def main() -> None:
