@@ -210,18 +210,25 @@ def check_families_and_bundle(root: Path, data, check: Check) -> None:
         same = list(ours.columns) == list(theirs.columns) and ours.iloc[:, 0].equals(theirs.iloc[:, 0])
         diff = float(np.abs(ours.iloc[:, 1:].to_numpy() - theirs.iloc[:, 1:].to_numpy()).max()) if same else 1.0
         check("bundle parity with kit submit", same and diff < 1e-4, f"max |diff| {diff:.2e} (tolerance 1e-4)")
-        gaps = member_gaps(root, bundle, data.data_dir / "test", "cuda", {"gc_vlm": str(tiny)})
-        check(
-            "parity per member (bundle's predictor vs the run's test.npz)",
-            max(gaps.values()) < 1e-4,
-            ", ".join(f"{name} {gap:.2e}" for name, gap in gaps.items()),
-        )
+        bases = {"gc_vlm": str(tiny)}
+        ours = member_predictions(bundle, data.data_dir / "test", "cuda", bases)
+        other = member_predictions(bundle, data.data_dir / "test", "cuda", bases, batch_size=8)
+        parts, ok = [], True
+        for name, (ids, probs) in ours.items():
+            gap = float(np.abs(probs - saved_probs(root, name, ids)).max())
+            noise = float(np.abs(probs - other[name][1]).max())
+            ok &= gap < 1e-4 or gap <= 2 * noise
+            parts.append(f"{name} {gap:.2e} (the predictor itself at batch 8: {noise:.2e})")
+        # bf16 on CUDA: a batch of another size can take other kernels, other roundings; a member whose gap
+        # is within twice what its own predictor moves by under another batch size has no bug to find
+        check("parity per member (bundle's predictor vs the run's test.npz)", ok, ", ".join(parts))
 
 
-def member_gaps(root: Path, bundle: Path, images: Path, device: str, bases: dict[str, str]) -> dict[str, float]:
-    """Per run in a bundle: max |probability difference| between the bundle's predictor (in this process, the
-    same code infer.py embeds) and the test predictions the run saved at training time. Finds which member
-    a parity gap comes from."""
+def member_predictions(
+    bundle: Path, images: Path, device: str, bases: dict[str, str], batch_size: int | None = None
+) -> dict[str, tuple[list[str], np.ndarray]]:
+    """Per run in a bundle: (test ids, probabilities) from the bundle's predictor, in this process (the same
+    code infer.py embeds). Against each run's test.npz it finds which member a parity gap comes from."""
     import ast
     import base64
     import gzip
@@ -236,19 +243,23 @@ def member_gaps(root: Path, bundle: Path, images: Path, device: str, bases: dict
     recipe = ast.literal_eval(constant["BUNDLE"])  # as infer.py reads its two constants
     recipe["test"] = json.loads(gzip.decompress(base64.b64decode(ast.literal_eval(constant["TEST_TABLE"]))))
     rows = match_images(images, recipe["test"]["ids"], recipe["test"]["files"])
-    ctx = Context(bundle / "weights", torch.device(device), 4, None, bases)
+    ctx = Context(bundle / "weights", torch.device(device), 4, batch_size, bases)
     predict_tree(recipe["root"], rows.paths, ctx)
-    gaps, stack = {}, [recipe["root"]]
+    found, stack = {}, [recipe["root"]]
     while stack:
         node = stack.pop()
         if node["kind"] == "ensemble":
             stack.extend(node["members"])
-            continue
-        with np.load(root / "runs" / node["name"] / "test.npz") as saved:
-            order = {i: n for n, i in enumerate(saved["ids"].astype(str))}
-            logp = saved["logp"][[order[i] for i in rows.ids]]
-        gaps[node["name"]] = float(np.abs(np.exp(ctx.done[node["key"]]) - np.exp(logp)).max())
-    return gaps
+        else:
+            found[node["name"]] = (rows.ids, np.exp(ctx.done[node["key"]].astype(np.float64)))
+    return found
+
+
+def saved_probs(root: Path, run: str, ids: list[str]) -> np.ndarray:
+    """A run's test probabilities as it saved them at training time, in the order of ids."""
+    with np.load(root / "runs" / run / "test.npz") as saved:
+        order = {i: n for n, i in enumerate(saved["ids"].astype(str))}
+        return np.exp(saved["logp"][[order[i] for i in ids]].astype(np.float64))
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ class DemoReport:
     stages: dict[str, float] = field(default_factory=dict)  # seconds per stage
     test_split: dict[str, float] = field(default_factory=dict)
     bundle_max_abs_diff: float = float("nan")
+    infer_seconds: float = float("nan")  # the bundle's infer.py, a fresh process, start to end
+    infer_estimate: str = ""  # what the bundle's README estimated for that run
     report_png: Path | None = None
 
 
@@ -102,15 +104,20 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
 
         report.test_split = _score_test_split(submission, data.test_labels, load_folds(root).classes)
     with _stage(report, "bundle + offline infer.py", log):
-        report.bundle_max_abs_diff = _bundle_parity(root, submission, data.data_dir / "test")
+        _bundle_parity(report, submission, data.data_dir / "test")
     return report
 
 
-def _bundle_parity(root: Path, submission: Path, images: Path) -> float:
-    """Bundle the ensemble, run its infer.py as a separate process, and compare its CSV with kit's."""
+def _bundle_parity(report: DemoReport, submission: Path, images: Path) -> None:
+    """Bundle the ensemble, run its infer.py as a separate process (timed, against the README's estimate),
+    and compare its CSV with kit's."""
+    import time
+
     from kit.bundle.build import build_bundle
 
-    bundle = build_bundle(root, "demo").path
+    root = report.root
+    built = build_bundle(root, "demo")
+    bundle, report.infer_estimate = built.path, built.estimate
     out = root / "submissions" / "demo.infer.csv"
     command = [
         sys.executable,
@@ -122,13 +129,15 @@ def _bundle_parity(root: Path, submission: Path, images: Path) -> float:
         "--base-model",
         str(root / "models" / "tiny-qwen2.5-vl"),
     ]
+    start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, cwd=bundle)
+    report.infer_seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise KitError(f"{bundle / 'infer.py'} failed: {result.stderr.strip().splitlines()[-1]}")
     kit_csv, bundle_csv = (pd.read_csv(p, encoding="utf-8-sig") for p in (submission, out))
     if list(kit_csv.columns) != list(bundle_csv.columns) or not kit_csv.iloc[:, 0].equals(bundle_csv.iloc[:, 0]):
         raise KitError(f"{out}: header or ids differ from {submission}")
-    return float(np.abs(kit_csv.iloc[:, 1:].to_numpy() - bundle_csv.iloc[:, 1:].to_numpy()).max())
+    report.bundle_max_abs_diff = float(np.abs(kit_csv.iloc[:, 1:].to_numpy() - bundle_csv.iloc[:, 1:].to_numpy()).max())
 
 
 def format_report(report: DemoReport) -> str:
@@ -147,6 +156,8 @@ def format_report(report: DemoReport) -> str:
         " the test rows are predicted by the average of all K fold models, each OOF row by one)"
     )
     lines.append(f"bundle infer.py vs kit submit: max |difference| {report.bundle_max_abs_diff:.2e}")
+    if report.infer_estimate:
+        lines.append(f"bundle infer.py took {report.infer_seconds:.1f} s; its README estimated {report.infer_estimate}")
     lines.append(f"recipe: {report.recipe}")
     lines.append("stage seconds: " + ", ".join(f"{k} {v}" for k, v in report.stages.items()))
     lines.append(f"total {sum(report.stages.values()):.0f} s; report: {report.report_png}")
