@@ -40,12 +40,14 @@ class StackParams:
         return sum((t * t).sum() for t in shrunk) / 2
 
 
-def view_logits(p: StackParams, z: torch.Tensor, cols: torch.Tensor, x: torch.Tensor | None) -> torch.Tensor:
-    """The stack's logits at the view's kept columns: [n, J]."""
+def view_logits(p: StackParams, z: torch.Tensor, cols: torch.Tensor, xt: torch.Tensor | None) -> torch.Tensor:
+    """The stack's logits at the view's kept columns: [n, J]. xt: the features transposed, [d, n]."""
     coef = p.a[:, None, None] + p.A[:, cols]
     logits = (coef * z.clamp_min(Z_FLOOR)).sum(dim=0) + p.b[cols]
     if p.W is not None:
-        logits = logits + torch.gather(x @ p.W, 1, cols)
+        # W^T x^T over contiguous [d, n] features: with a few classes the plain x @ W backward (a product
+        # with the transposed view of x) took 2.5x as long, and it is most of a fit with wide features
+        logits = logits + torch.gather((p.W.t() @ xt).t(), 1, cols)
     return logits
 
 
@@ -60,7 +62,7 @@ class StackData:
         self.blocks = []
         for s in range(0, self.n, BLOCK):
             rows = slice(s, s + BLOCK)
-            xb = None if x is None else torch.as_tensor(x[rows], dtype=torch.float32)
+            xb = None if x is None else torch.as_tensor(np.ascontiguousarray(x[rows].T), dtype=torch.float32)
             miss = torch.as_tensor(~v.target[rows])
             self.blocks.append((torch.as_tensor(v.z[:, rows]), torch.as_tensor(v.cols[rows]), xb, miss))
 
