@@ -78,7 +78,7 @@ def bench_heads(root: Path, img_size: int, device: str, names: list[str]) -> dic
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg = config(run_dir.name, img_size, device, root)
     start = time.perf_counter()
-    x, _ = run_features(cfg, folds, run_dir)
+    x, _ = run_features(cfg, folds, run_dir, root)
     embed_s = time.perf_counter() - start
     y, n_classes = folds.labels, len(folds.classes)
     out = {"rows": len(x), "dim": int(x.shape[1]), "classes": n_classes, "features_s": round(embed_s, 2)}

@@ -50,9 +50,11 @@ def test_timm_probe_features_are_the_same_for_every_fold(vlm_root):
     train_run(probe_config("probe_timm_fold1"), vlm_root, only_folds=[1])
     with np.load(vlm_root / "runs" / "probe_timm_fold1" / "oof_features.npz") as npz:
         np.testing.assert_array_equal(npz["features"], train_x)
-    # and a freshly built encoder gives the saved rows again: nothing fold-specific went in
+    # and a freshly built encoder gives the saved rows again: nothing fold-specific went in; the run read its
+    # images from kit's decoded-image cache, this encoder decodes the files: the same pixels either way
     cfg = run_config(vlm_root / "runs" / "probe_timm")
     paths = load_folds(vlm_root).test["path"].tolist()
+    assert list((vlm_root / ".cache" / "images").glob(f"*_{len(paths)}x{cfg.img_size}.u8"))
     np.testing.assert_allclose(build_encoder(cfg, torch.device("cpu"))(paths), test_x, atol=1e-6)
 
 

@@ -159,6 +159,51 @@ def test_each_oof_row_is_the_prediction_of_the_model_that_did_not_train_on_it(tr
         assert np.abs(predictors[1 - k](paths) - oof.logp[rows]).max() > 1e-3
 
 
+@pytest.mark.parametrize("choice", ["last", "best", "auto"])
+def test_a_fold_predicts_its_validation_rows_once_with_the_weights_it_keeps(competition, tmp_path, monkeypatch, choice):
+    # The last epoch's validation pass already predicted the OOF rows with the kept weights: finish_fold takes
+    # those (on a 2-core CPU 3 s a fold for the demo's Lite0) instead of predicting them again. best: the kept
+    # epoch's pass, an earlier one here (a wild lr blows up a later epoch); auto: the plain view of tta: auto.
+    import kit.train.timm_family as timm_family
+
+    predicted = []
+    plain, views = timm_family.load_predictor, timm_family.load_view_predictor
+
+    def counting(cfg, run_dir, fold, root):
+        predict = plain(cfg, run_dir, fold, root)
+        return lambda paths: predicted.append((len(paths), ["plain"])) or predict(paths)
+
+    def counting_views(cfg, run_dir, fold, root):
+        predict = views(cfg, run_dir, fold, root)
+        return lambda paths, names: predicted.append((len(paths), names)) or predict(paths, names)
+
+    monkeypatch.setattr(timm_family, "load_predictor", counting)
+    monkeypatch.setattr(timm_family, "load_view_predictor", counting_views)
+    root = folds_root(competition, tmp_path / "root")
+    tta = "[auto,hflip]" if choice == "auto" else "[none]"
+    recipe = [*RECIPE, "epochs=3", f"tta={tta}", *(["epoch_choice=best", "lr=0.5"] if choice == "best" else [])]
+    summary = train_run(load_config("tiny", overrides=recipe), root)
+    folds = load_folds(root)
+    valid = [int((folds.fold_of_row == k).sum()) for k in range(K)]
+    if choice == "auto":  # per fold: the validation rows' hflip view, then the test rows' two views
+        assert predicted == [x for k in range(K) for x in ((valid[k], ["hflip"]), (len(folds.test), ["none", "hflip"]))]
+    else:
+        assert predicted == [(len(folds.test), ["plain"])] * K  # the test rows only, once per fold
+    monkeypatch.setattr(timm_family, "load_predictor", plain)
+    cfg = replace(run_config(summary.run_dir), tta=["none"])
+    for k in range(K):
+        rows = history(summary.run_dir / f"fold{k}")
+        kept = int(rows["valid_loss"].idxmin()) if choice == "best" else 2
+        paths = folds.train.loc[folds.fold_of_row == k, "path"].tolist()
+        oof = load_predictions(summary.run_dir / f"fold{k}" / "oof.npz")
+        np.testing.assert_allclose(load_predictor(cfg, summary.run_dir, k, root)(paths), oof.logp, atol=1e-5, rtol=0)
+        assert read_json(summary.run_dir / f"fold{k}" / "done.json")["log_loss"] == pytest.approx(
+            rows["valid_loss"][kept], abs=1e-6
+        )
+    if choice == "best":
+        assert any(history(summary.run_dir / f"fold{k}")["valid_loss"].idxmin() < 2 for k in range(K))
+
+
 def test_test_npz_is_the_probability_space_mean_of_the_fold_predictions(trained):
     folds = load_folds(trained.root)
     test = load_predictions(trained.run_dir / "test.npz")

@@ -95,13 +95,13 @@ def cpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
     ]
 
 
-# GPU epochs per Lite model, chosen by 5-fold CV on these photos (one H200, session 6; bench/RESULTS.md;
-# the held-back test split never read): Lite0 10 epochs CV 0.6248, 30 epochs 0.6727 (it overfits: the
-# last epoch of a longer cosine schedule is kept); Lite2 5 epochs 0.6873, 20 epochs 0.6525; Lite1 6 epochs
-# 0.6617, so 10 (between its neighbours' best; measured by the demo itself). A Lite epoch of 5 folds at
-# 300 px takes 3-6 s there, so the first demo (10/6/5 epochs) took 330 s of its 600: training is cheap, the
-# fixed costs (data 19 s, the bundle and its fresh infer.py 74 s, ensemble 22 s) are not.
-GPU_EPOCHS = {0: 10, 1: 10, 2: 20}
+# GPU epochs per Lite model, chosen by 5-fold CV on these photos (one H200, session 6, bench/demo_sweep.py;
+# bench/RESULTS.md; the held-back test split never read): Lite0 10 epochs CV 0.6248, 30 epochs 0.6727 (it
+# overfits: a longer cosine schedule's last epoch is kept); Lite2 5 epochs 0.6873, 20 epochs 0.6525; Lite1
+# measured at 6 only (0.6617). A Lite epoch of 5 folds at 300 px takes 3-6 s there: the first GPU demo
+# (10/6/5 epochs) took 330 s of its 600, the fixed costs most of it (data 19 s, the bundle and its fresh
+# infer.py 74 s, ensemble 22 s); Lite2's 15 more epochs add about 90-130 s (not yet run as a whole demo).
+GPU_EPOCHS = {0: 10, 1: 6, 2: 20}
 
 
 def gpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:

@@ -2,6 +2,7 @@
 
     encode = build_encoder(cfg, device)      # a timm backbone, or a VLM's vision tower / language model
     features = encode(paths)                 # float32 [N, D]; the same image gives the same row in any fold
+    features = encode(paths, cache)          # timm: the images from kit's decoded-image cache, row i = paths[i]
 
 Nothing here is trained, so the embeddings do not depend on the folds and fusion may use them.
 """
@@ -17,7 +18,7 @@ import torch
 
 from kit.config import TrainConfig
 
-Encoder = Callable[[list[str]], np.ndarray]
+Encoder = Callable[..., np.ndarray]  # (paths, cache=None) -> [N, D] float32
 TIMM_PREFIXES = ("hf-hub:", "hf_hub:", "timm/")
 
 
@@ -62,10 +63,13 @@ def _timm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
     batch = cfg.predict_batch_size or 2 * cfg.batch_size
 
     @torch.no_grad()
-    def encode(paths: list[str]) -> np.ndarray:
-        dataset = ImageDataset(paths, None, eval_pipeline(cfg.img_size))
+    def encode(paths: list[str], cache: np.ndarray | None = None) -> np.ndarray:
+        # the cache holds what eval_pipeline makes of each file, so the features are the same; read from it
+        # in this process (no loader workers to compete with the model for a CPU's cores)
+        dataset = ImageDataset(paths, None, eval_pipeline(cfg.img_size), cache)
+        workers = 0 if cache is not None else default_workers(cfg.workers)
         out = []
-        for images, _ in make_loader(dataset, batch, False, default_workers(cfg.workers), device):
+        for images, _ in make_loader(dataset, batch, False, workers, device):
             with autocast(device, cfg.precision):
                 out.append(model(normalize(images.to(device))).float().cpu())
         return torch.cat(out).numpy().astype(np.float32)
@@ -92,7 +96,8 @@ def _vlm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
         return pool(vl.hidden(ids, mask, images), mask, ids == vl.image_token_id)
 
     @torch.no_grad()
-    def encode(paths: list[str]) -> np.ndarray:
+    def encode(paths: list[str], cache: np.ndarray | None = None) -> np.ndarray:
+        del cache  # kit's pixel cache holds timm inputs; the VLM's own processor makes its inputs from the files
         out = []
         keys = np.arange(len(paths))
         for _, images in encoded_batches(vl, prompter, list(paths), keys, batch, default_workers(cfg.workers)):

@@ -54,7 +54,7 @@ def _read_features(path: Path, ids: np.ndarray, encoder: str) -> np.ndarray | No
         return npz["features"]
 
 
-def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """(train features, test features) of the run, computed once and saved beside it."""
     from kit.probe.encoders import build_encoder, describe
 
@@ -66,10 +66,25 @@ def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path) -> tuple[np.ndar
     encode = build_encoder(cfg, resolve_device(cfg.device))
     out = []
     for path, table in files:
-        features = encode(table["path"].tolist())
+        paths = table["path"].tolist()
+        features = encode(paths, _pixel_cache(cfg, paths, Path(root)))
         write_npz(path, ids=table["id"].to_numpy(str), features=features, encoder=np.array(encoder))
         out.append(features)
     return out[0], out[1]
+
+
+def _pixel_cache(cfg: TrainConfig, paths: list[str], root: Path) -> np.ndarray | None:
+    """A timm encoder's images from kit's decoded-image cache (shared with timm runs at the same size:
+    the demo's Lite0 run has built it), else None."""
+    from kit.probe.encoders import is_vlm
+
+    if not cfg.cache or is_vlm(cfg):
+        return None
+    from kit.train.dataset import image_cache
+    from kit.train.runtime import default_workers
+    from kit.train.timm_family import CACHE_DIR
+
+    return image_cache(paths, cfg.img_size, root / CACHE_DIR, max(1, default_workers(cfg.workers)))
 
 
 def _fit(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:
@@ -110,7 +125,7 @@ def fit_fold(
     on_epoch_end: Callable[[int, dict], None] | None = None,
 ) -> None:
     start = time.perf_counter()
-    train_x, _ = run_features(cfg, folds, Path(fold_dir).parent)
+    train_x, _ = run_features(cfg, folds, Path(fold_dir).parent, root)
     train = folds.fold_of_row != fold
     labels = folds.labels
     head = _fit(cfg, train_x[train], labels[train])
@@ -132,7 +147,7 @@ def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Ca
     """The fold's head on the run's saved features; images from elsewhere are encoded as they come."""
     head = load_weights(Path(run_dir) / f"fold{fold}" / HEAD_FILE)
     folds = load_folds(root)
-    train_x, test_x = run_features(cfg, folds, Path(run_dir))
+    train_x, test_x = run_features(cfg, folds, Path(run_dir), root)
     tables = [({p: i for i, p in enumerate(t["path"])}, x) for t, x in ((folds.train, train_x), (folds.test, test_x))]
 
     def predict(paths: list[str]) -> np.ndarray:

@@ -84,9 +84,9 @@ def rank_main(run_dir: Path, root: Path, fold_ids: list[int]) -> None:
             start = time.perf_counter()
             fold_dir.mkdir(parents=True, exist_ok=True)
             with fold_log(run_dir, fold) as log:  # rank 0 alone writes the event file, as the history
-                family.fit_fold(cfg, folds, fold, fold_dir, root, log if distributed.is_main() else None)
+                valid_logp = family.fit_fold(cfg, folds, fold, fold_dir, root, log if distributed.is_main() else None)
             if distributed.is_main():
-                finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start)
+                finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start, valid_logp)
             distributed.barrier()
     finally:
         distributed.close()

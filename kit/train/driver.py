@@ -133,15 +133,26 @@ def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path
     start = time.perf_counter()
     fold_dir.mkdir(parents=True, exist_ok=True)
     with fold_log(fold_dir.parent, fold) as log:  # runs/<run>/tb/fold<k>/ for TensorBoard
-        family.fit_fold(cfg, folds, fold, fold_dir, root, chain(log, on_epoch_end))
-    finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start)
+        valid_logp = family.fit_fold(cfg, folds, fold, fold_dir, root, chain(log, on_epoch_end))
+    finish_fold(family, cfg, folds, fold, fold_dir, root, time.perf_counter() - start, valid_logp)
 
 
-def finish_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, seconds: float) -> None:
+def finish_fold(
+    family,
+    cfg: TrainConfig,
+    folds: Folds,
+    fold: int,
+    fold_dir: Path,
+    root: Path,
+    seconds: float,
+    valid_logp: np.ndarray | None = None,
+) -> None:
     """Predict the fold's validation rows and the test set with its kept weights, then mark it done.
 
-    Under `tta: auto` every candidate view is predicted on its own into views.npz (assembly chooses
-    among them, cross-fitted); the fold's oof.npz / test.npz then hold the plain view."""
+    valid_logp: the kept weights' plain-view logp of the validation rows when the training loop already
+    predicted them (fit_fold's return); used where the plain view is what is needed, not predicted again.
+    Under `tta: auto` every candidate view is predicted on its own into views.npz (assembly chooses among
+    them, cross-fitted); the fold's oof.npz / test.npz then hold the plain view."""
     start = time.perf_counter()
     valid = folds.train[folds.train["fold"] == fold]
     paths, test_paths = valid["path"].tolist(), folds.test["path"].tolist()
@@ -149,14 +160,18 @@ def finish_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Pat
     extra = {}
     if candidates and hasattr(family, "load_view_predictor"):
         predict_views = family.load_view_predictor(cfg, fold_dir.parent, fold, root)
-        oof_views, test_views = predict_views(paths, candidates), predict_views(test_paths, candidates)
+        oof_views, test_views = (
+            _valid_views(predict_views, paths, candidates, valid_logp),
+            predict_views(test_paths, candidates),
+        )
         save_views(fold_dir / VIEWS_FILE, candidates, valid["id"].to_numpy(str), oof_views, test_views)
         plain = candidates.index("none")
         valid_logp, test_logp = oof_views[plain], test_views[plain]
         extra = {"views_log_loss": view_log_loss(oof_views, valid["y"].to_numpy(), candidates, folds.merge_groups)}
     else:
         predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
-        valid_logp, test_logp = predict(paths), predict(test_paths)
+        plain = valid_logp is not None and cfg.tta == ["none"]  # else the run's TTA views are averaged
+        valid_logp, test_logp = valid_logp if plain else predict(paths), predict(test_paths)
     save_predictions(
         fold_dir / "oof.npz", Predictions(valid["id"].to_numpy(str), valid_logp, np.full(len(valid), fold))
     )
@@ -165,6 +180,15 @@ def finish_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Pat
     seconds += time.perf_counter() - start
     write_json(fold_dir / "done.json", {"fold": fold, **scores, **extra, "seconds": round(seconds, 1)})
     (fold_dir / "checkpoint.safetensors").unlink(missing_ok=True)  # optimizer state is no longer needed
+
+
+def _valid_views(predict_views, paths: list[str], views: list[str], plain: np.ndarray | None) -> np.ndarray:
+    """[V, N, C]: the validation rows under each view; the plain view from the training loop when it has it."""
+    if plain is None:
+        return predict_views(paths, views)
+    others = [v for v in views if v != "none"]
+    found = dict(zip(others, predict_views(paths, others), strict=True)) if others else {}
+    return np.stack([plain if v == "none" else found[v] for v in views])
 
 
 def assemble(run_dir: Path, folds: Folds) -> RunSummary:

@@ -1,7 +1,8 @@
 """The model-family registry. A family is a module with three functions:
 
     resolve_config(cfg, folds) -> TrainConfig          fill model-derived fields (input size, mean, ...)
-    fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end=None)   train; resume from fold_dir
+    fit_fold(cfg, folds, fold, fold_dir, root, on_epoch_end=None)   train; resume from fold_dir; may return
+        the kept weights' logp of the validation rows when its loop already predicted them (else None)
     load_predictor(cfg, run_dir, fold, root) -> predict(paths) -> logp [N, C]
 
 and, where it can predict several test-time views (`tta: auto`, the timm family), a fourth:

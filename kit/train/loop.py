@@ -131,6 +131,7 @@ class FoldTrainer:
         self.mixup = self._mixup(cfg, model)
         self.history = FoldHistory()
         self.epoch = 0
+        self.kept_epoch: int | None = None  # the epoch whose weights this process last kept (end_epoch)
         self.writer = BackgroundWriter()
 
     @staticmethod
@@ -263,6 +264,7 @@ class FoldTrainer:
         best = None
         if keeps_weights(self.cfg, improved, self.epoch >= self.cfg.epochs or self.stopped):
             best = snapshot(self.eval_model.state_dict())
+            self.kept_epoch = row["epoch"]
         if not distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
             return self.stopped
         parts, meta = self.state()

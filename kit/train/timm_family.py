@@ -68,19 +68,22 @@ def fit_fold(
     fold_dir: Path,
     root: Path,
     on_epoch_end: Callable[[int, dict], None] | None = None,
-) -> None:
+) -> np.ndarray | None:
+    """Train (or resume) the fold; returns its validation rows' logp when its last epoch predicted them with
+    the weights the fold keeps (finish_fold then need not predict them again), else None."""
     trainer, feed, labels = fold_trainer(cfg, folds, fold, root)
     device = trainer.device
     if (fold_dir / CHECKPOINT).is_file():
         trainer.resume(fold_dir / CHECKPOINT)
     try:
-        _train_epochs(cfg, fold, trainer, feed, labels["valid"], device, fold_dir, on_epoch_end)
+        return _train_epochs(cfg, fold, trainer, feed, labels["valid"], device, fold_dir, on_epoch_end)
     finally:  # whatever stops the fold (its end, Ctrl-C, an error), what it wrote is whole on disk
         trainer.flush()
 
 
-def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_epoch_end) -> None:
+def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_epoch_end) -> np.ndarray | None:
     first = trainer.epoch
+    kept_logp = None
     while trainer.epoch < cfg.epochs and not trainer.stopped:  # a resumed fold may have stopped early
         epoch = trainer.epoch
         seed = epoch_seed(cfg.seed, fold, epoch)
@@ -92,11 +95,14 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
         logp = distributed.gather(logp)
         row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
+        if trainer.kept_epoch == epoch:  # these weights predict the fold: their logp is its OOF, unless a
+            kept_logp = None if trainer.compiled else logp  # compiled model (other kernels) made it
         trainer.maybe_compile(stats["seconds"], trainer.epoch - first)
         if on_epoch_end is not None:
             on_epoch_end(epoch, row)
         if stop:
             break
+    return kept_logp
 
 
 def _predict_batch(cfg: TrainConfig, device: torch.device) -> int:
