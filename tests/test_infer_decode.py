@@ -211,3 +211,29 @@ def test_kit_predict_takes_the_decode_once_path_from_the_image_cache_or_the_file
     moved = [str(elsewhere / Path(p).name) for p in paths]
     np.testing.assert_allclose(predict_run(root, "r", moved), expected, atol=1e-6, rtol=0)
     assert decodes == Counter(dict.fromkeys(moved, 1))  # other files: decoded once for both folds
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_prediction_sets_tf32_as_the_run_trained(setup, deterministic):
+    # CUDA's TF32 rounds fp32 products outside autocast: kit predict and the bundle set it per run as training
+    # did (on unless the run is deterministic), whatever the process held before; a bundle without the key
+    # (older) predicts as a default, non-deterministic run
+    from kit.train.runtime import set_deterministic
+
+    weights, paths, nodes = setup
+    node = {**nodes["a"], "spec": {**nodes["a"]["spec"], "deterministic": deterministic}}
+    held = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = deterministic  # the other way round
+        predict_tree(node, paths[:2], Context(weights, CPU))
+        assert torch.backends.cuda.matmul.allow_tf32 is (not deterministic)
+        old = {**nodes["b"], "spec": {k: v for k, v in nodes["b"]["spec"].items() if k != "deterministic"}}
+        predict_tree(old, paths[:2], Context(weights, CPU))
+        assert torch.backends.cuda.matmul.allow_tf32 is True
+        # training sets it too, also a deterministic run after another in one process (kit demo)
+        set_deterministic(False)
+        set_deterministic(True)
+        assert torch.backends.cuda.matmul.allow_tf32 is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = held
+        torch.use_deterministic_algorithms(False)

@@ -38,6 +38,7 @@ def probe_spec(cfg: TrainConfig) -> dict:
         "precision": cfg.precision,
         "channels_last": cfg.channels_last,
         "batch_size": cfg.predict_batch_size or 2 * cfg.batch_size,
+        "deterministic": cfg.deterministic,  # TF32 as in training (runtime.set_tf32)
     }
 
 

@@ -27,6 +27,7 @@ def vlm_spec(cfg: TrainConfig) -> dict:
         "config": config,
         "vlm": config["vlm"],
         "batch_size": cfg.predict_batch_size or 2 * cfg.batch_size,
+        "deterministic": cfg.deterministic,  # TF32 as in training (runtime.set_tf32)
     }
 
 

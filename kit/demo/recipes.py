@@ -66,7 +66,9 @@ def cpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
     # two stages and head only (the frozen stem and early stages get no backward pass) for two epochs at
     # 112 px, ~68 s a fold; the second epoch took its CV from 0.820 to 0.755 and the ensemble's from 0.755 to
     # 0.736 (freezing one stage more: same fold-0 loss, 11 s a fold less; 104 px: no faster, worse). No TTA
-    # views (they multiply predictions, in the bundle too). Lite0's preset fixes the flips, the demo its
+    # views (they multiply predictions, in the bundle too): `tta: [auto, hflip]` (session 6) took Lite0's CV
+    # from 0.7409 to 0.7342 and the ensemble's from 0.7282 to 0.7241, but the demo to 612 s (the views of
+    # 945 rows a fold and the bundle's second pass). Lite0's preset fixes the flips, the demo its
     # quarter turns (a flips probe of its own cost 88 s). The MobileNetV3 trained from scratch that used to be
     # a fourth member is gone: 119 s for no ensemble gain (0.7354 with it, 0.7362 without).
     size, epochs = ("32", 1) if quick else ("112", 2)

@@ -25,6 +25,7 @@ import torch
 from kit.errors import KitError
 from kit.infer.streams import Decodes, decode_once
 from kit.preds import mean_in_prob_space
+from kit.train.runtime import set_tf32
 
 
 @dataclass
@@ -95,6 +96,7 @@ def _folds(node: dict, paths: list[str], ctx: Context):
         if base is None:
             raise KitError(f"{node['name']}: a VLM member needs its base model folder")
         cache = vision_cache(node["spec"])  # the frozen tower's outputs: fold 0 decodes, the others reuse
+        set_tf32(not node["spec"].get("deterministic", False))  # as the run trained (older bundles: the default)
         for fold in node["folds"]:
             files = {role: ctx.weights / rel for role, rel in fold["files"].items()}
             model = VlmFold(node["spec"], base, files, ctx.device)

@@ -26,6 +26,7 @@ from kit.infer.images import ImageFiles, image_batches, prefetch_batches
 from kit.infer.progress import progress
 from kit.infer.timm_predict import TimmFold, build_timm_model, raise_bad_image
 from kit.preds import mean_in_prob_space
+from kit.train.runtime import set_tf32
 
 BUDGET_SHARE = 0.5  # of the free device (or host) memory that fold weights may take; the rest is activations
 # On a GPU a batch of at least this many pixels (512 images at 224 px, 174 at 384): small models at their
@@ -220,6 +221,8 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
             batch = stream_batch(group, size, ctx.device, ctx.batch_size)
             part = f" (part {g + 1}/{len(groups)})" if len(groups) > 1 else ""
             models = build(group, ctx.device)
+            # TF32 as these runs trained (kit.train.runtime.set_tf32): on unless every one was deterministic
+            set_tf32(not all(job.node["spec"].get("deterministic", False) for job in group))
             outs = stream(models, dataset, batch, ctx.workers, ctx.device, _desc(group, size, part))
             del models
             for job, out in zip(group, outs, strict=True):

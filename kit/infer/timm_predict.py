@@ -52,6 +52,7 @@ def timm_spec(config: dict) -> dict:
         "precision": config.get("precision", "auto"),
         "channels_last": bool(config.get("channels_last", True)),
         "batch_size": int(config.get("predict_batch_size") or 2 * config["batch_size"]),
+        "deterministic": bool(config.get("deterministic", False)),  # TF32 as in training (runtime.set_tf32)
     }
 
 

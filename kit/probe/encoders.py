@@ -42,9 +42,10 @@ def describe(cfg: TrainConfig) -> str:
 
 
 def build_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
-    from kit.train.runtime import seed_everything
+    from kit.train.runtime import seed_everything, set_tf32
 
     seed_everything(cfg.seed)  # a randomly initialised encoder (tests, no weights) is the same one every time
+    set_tf32(not cfg.deterministic)  # as kit.infer.predict encodes for kit predict and the bundle
     return _vlm_encoder(cfg, device) if is_vlm(cfg) else _timm_encoder(cfg, device)
 
 

@@ -50,8 +50,19 @@ def set_deterministic(enabled: bool, benchmark: bool = True) -> None:
         torch.backends.cudnn.benchmark = False
     elif torch.cuda.is_available():
         torch.backends.cudnn.benchmark = benchmark
-        torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    set_tf32(not enabled)
+
+
+def set_tf32(enabled: bool) -> None:
+    """TF32 for fp32 matrix products on CUDA: on for a run that is not deterministic, off for one that is.
+
+    A run's training (whose predictions become its oof.npz and test.npz) and every later prediction of it
+    (kit predict, the bundle's infer.py: kit.infer.predict) set it alike, so fp32 products outside autocast
+    (precision=fp32, a model's own fp32 islands such as rotary angles) round alike at both. It used to be
+    set by training alone, and never reset by a deterministic run after another in the same process
+    (`kit demo`): the suspected cause of a tiny VLM member's 8.5e-4 bundle gap on an H200 (session 6)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 def default_workers(requested: int) -> int:
