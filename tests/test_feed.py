@@ -117,6 +117,21 @@ def test_resident_images_take_rows():
     np.testing.assert_array_equal(held.take(np.array([3, 1])).numpy(), cache[[3, 1]])
 
 
+def test_the_read_only_image_cache_is_read_without_a_warning(tmp_path):
+    # the cache is a read-only memory map; the upload to a GPU (and pinned host memory) only copies from it
+    import warnings
+
+    from kit.train.feed import _source
+
+    cache = np.memmap(tmp_path / "c.u8", dtype=np.uint8, mode="w+", shape=(4, 8, 8, 3))
+    cache[:] = np.arange(cache.size, dtype=np.uint64).reshape(cache.shape) % 251
+    cache.flush()
+    read_only = np.memmap(tmp_path / "c.u8", dtype=np.uint8, mode="r", shape=(4, 8, 8, 3))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(_source(np.ascontiguousarray(read_only[1:3])).numpy(), cache[1:3])
+
+
 # --- whole runs ---------------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ follow from (seed, fold, epoch, row) in both, so a resumed run replays its epoch
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -34,6 +35,14 @@ def use_device_pipeline(cfg: TrainConfig, device: torch.device) -> bool:
     if cfg.pipeline == "auto":
         return device.type == "cuda" and cfg.cache
     return cfg.pipeline == "device"
+
+
+def _source(array: np.ndarray) -> torch.Tensor:
+    """A tensor over (part of) the read-only image cache, only ever copied from (to the device, or into pinned
+    memory): without torch's warning that a non-writable array makes an unsafe tensor."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(array)
 
 
 class ResidentImages:
@@ -57,7 +66,7 @@ class ResidentImages:
         elif device.type == "cpu":
             self.pixels = torch.from_numpy(np.array(cache))  # a private copy of the read-only map
         if self.pixels is None:
-            self.host = torch.from_numpy(np.ascontiguousarray(cache)).pin_memory()
+            self.host = _source(np.ascontiguousarray(cache)).pin_memory()
 
     @staticmethod
     def _upload(cache: np.ndarray, device: torch.device, gb: float) -> torch.Tensor | None:
@@ -68,7 +77,7 @@ class ResidentImages:
             return None
         step = max(1, (256 << 20) // max(1, int(np.prod(cache.shape[1:]))))  # 256 MB at a time
         for start in range(0, len(cache), step):
-            pixels[start : start + step].copy_(torch.from_numpy(np.ascontiguousarray(cache[start : start + step])))
+            pixels[start : start + step].copy_(_source(np.ascontiguousarray(cache[start : start + step])))
         return pixels
 
     def index(self, rows: np.ndarray):
