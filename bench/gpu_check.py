@@ -229,19 +229,13 @@ def member_predictions(
 ) -> dict[str, tuple[list[str], np.ndarray]]:
     """Per run in a bundle: (test ids, probabilities) from the bundle's predictor, in this process (the same
     code infer.py embeds). Against each run's test.npz it finds which member a parity gap comes from."""
-    import ast
-    import base64
-    import gzip
-
     import torch
 
+    from kit.bundle.script import read_bundle
     from kit.infer.predict import Context, predict_tree
     from kit.infer.testset import match_images
 
-    script = ast.parse((bundle / "infer.py").read_text())
-    constant = {n.targets[0].id: n.value for n in script.body if isinstance(n, ast.Assign)}
-    recipe = ast.literal_eval(constant["BUNDLE"])  # as infer.py reads its two constants
-    recipe["test"] = json.loads(gzip.decompress(base64.b64decode(ast.literal_eval(constant["TEST_TABLE"]))))
+    recipe = read_bundle(bundle / "infer.py")
     rows = match_images(images, recipe["test"]["ids"], recipe["test"]["files"])
     ctx = Context(bundle / "weights", torch.device(device), 4, batch_size, bases)
     predict_tree(recipe["root"], rows.paths, ctx)

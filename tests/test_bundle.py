@@ -33,6 +33,7 @@ from conftest import CLASSES, make_competition
 from kit.bundle import rates
 from kit.bundle.command import bundle as bundle_command
 from kit.bundle.embed import EXTRA, UNREACHED, check_closure, embedded_sources, modules
+from kit.bundle.script import read_bundle
 from kit.cli import KitGroup
 from kit.config import load_config
 from kit.errors import KitError
@@ -451,11 +452,7 @@ def test_weights_elsewhere_and_verify(tiny_bundle, tmp_path):
 
 def bundle_data(infer_py: Path) -> dict:
     """infer.py's BUNDLE with its test table, as its main() hands them to the command line."""
-    text = infer_py.read_text(encoding="utf-8")
-    namespace: dict = {}
-    exec(compile(text.split("\n\ndef unpack", 1)[0], str(infer_py), "exec"), namespace)
-    test = json.loads(gzip.decompress(base64.b64decode(namespace["TEST_TABLE"])))
-    return {**namespace["BUNDLE"], "test": test}
+    return read_bundle(infer_py)
 
 
 def test_a_corrupt_image_is_named_in_one_line(tiny_bundle, project, tmp_path, capsys):

@@ -10,6 +10,8 @@ import base64
 import gzip
 import json
 import pprint
+import runpy
+from pathlib import Path
 
 TEMPLATE = '''#!/usr/bin/env python3
 """Offline inference for {kind} {name!r}, made by kit {kit} on {created}.
@@ -108,3 +110,10 @@ def render_script(
         test_table=pack(json.dumps(bundle["test"], ensure_ascii=False).encode("utf-8")),
         sources=_sources(sources),
     )
+
+
+def read_bundle(infer_py: Path) -> dict:
+    """A written infer.py's BUNDLE with its test table, as its main() hands them to the command line: for
+    checks that run kit's own predictor on a bundle in their process."""
+    names = runpy.run_path(str(infer_py), run_name="kit_read_bundle")  # defines, does not run main()
+    return {**names["BUNDLE"], "test": json.loads(gzip.decompress(base64.b64decode(names["TEST_TABLE"])))}

@@ -74,17 +74,12 @@ def run_features(cfg: TrainConfig, folds: Folds, run_dir: Path, root: Path) -> t
 
 
 def _pixel_cache(cfg: TrainConfig, paths: list[str], root: Path) -> np.ndarray | None:
-    """A timm encoder's images from kit's decoded-image cache (shared with timm runs at the same size:
-    the demo's Lite0 run has built it), else None."""
+    """A timm encoder's images from kit's decoded-image cache, the one timm runs at the same size share (the
+    demo's Lite0 run has built it); None for a VLM encoder, whose processor reads the files."""
     from kit.probe.encoders import is_vlm
+    from kit.train.timm_family import cached_images
 
-    if not cfg.cache or is_vlm(cfg):
-        return None
-    from kit.train.dataset import image_cache
-    from kit.train.runtime import default_workers
-    from kit.train.timm_family import CACHE_DIR
-
-    return image_cache(paths, cfg.img_size, root / CACHE_DIR, max(1, default_workers(cfg.workers)))
+    return None if is_vlm(cfg) else cached_images(cfg, paths, root)
 
 
 def _fit(cfg: TrainConfig, x: np.ndarray, y: np.ndarray) -> dict[str, torch.Tensor]:

@@ -160,18 +160,17 @@ def finish_fold(
     extra = {}
     if candidates and hasattr(family, "load_view_predictor"):
         predict_views = family.load_view_predictor(cfg, fold_dir.parent, fold, root)
-        oof_views, test_views = (
-            _valid_views(predict_views, paths, candidates, valid_logp),
-            predict_views(test_paths, candidates),
-        )
+        oof_views = _valid_views(predict_views, paths, candidates, valid_logp)
+        test_views = predict_views(test_paths, candidates)
         save_views(fold_dir / VIEWS_FILE, candidates, valid["id"].to_numpy(str), oof_views, test_views)
         plain = candidates.index("none")
         valid_logp, test_logp = oof_views[plain], test_views[plain]
         extra = {"views_log_loss": view_log_loss(oof_views, valid["y"].to_numpy(), candidates, folds.merge_groups)}
     else:
         predict = family.load_predictor(cfg, fold_dir.parent, fold, root)
-        plain = valid_logp is not None and cfg.tta == ["none"]  # else the run's TTA views are averaged
-        valid_logp, test_logp = valid_logp if plain else predict(paths), predict(test_paths)
+        if valid_logp is None or cfg.tta != ["none"]:  # a fixed TTA list: the OOF rows average its views
+            valid_logp = predict(paths)
+        test_logp = predict(test_paths)
     save_predictions(
         fold_dir / "oof.npz", Predictions(valid["id"].to_numpy(str), valid_logp, np.full(len(valid), fold))
     )

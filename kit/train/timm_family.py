@@ -29,7 +29,8 @@ def resolve_config(cfg: TrainConfig, folds: Folds) -> TrainConfig:
     return cfg
 
 
-def _cached(cfg: TrainConfig, paths: list[str], root: Path) -> np.ndarray | None:
+def cached_images(cfg: TrainConfig, paths: list[str], root: Path) -> np.ndarray | None:
+    """kit's decoded-image cache of these paths at the run's size (built on first use), or None (cache off)."""
     if not cfg.cache:
         return None
     return image_cache(paths, cfg.img_size, Path(root) / CACHE_DIR, max(1, default_workers(cfg.workers)))
@@ -43,7 +44,7 @@ def _cache_for(cfg: TrainConfig, paths: list[str], root: Path) -> tuple[np.ndarr
     for table in (folds.train, folds.test):
         index = {p: i for i, p in enumerate(table["path"])}
         if all(p in index for p in paths):
-            return _cached(cfg, table["path"].tolist(), root), np.array([index[p] for p in paths], dtype=np.int64)
+            return cached_images(cfg, table["path"].tolist(), root), np.array([index[p] for p in paths], dtype=np.int64)
     return None, None  # images from elsewhere (kit predict --images) are decoded as they come
 
 
@@ -56,7 +57,8 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     in_fold = table["fold"].to_numpy() == fold
     rows = {"train": np.flatnonzero(~in_fold), "valid": np.flatnonzero(in_fold)}
     labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
-    feed = fold_feed(cfg, device, table["path"].tolist(), _cached(cfg, table["path"].tolist(), root), rows, labels)
+    paths = table["path"].tolist()
+    feed = fold_feed(cfg, device, paths, cached_images(cfg, paths, root), rows, labels)
     steps = max(1, len(rows["train"]) // cfg.batch_size)
     return FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps), feed, labels
 
