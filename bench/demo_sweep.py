@@ -37,6 +37,8 @@ VARIANTS = {
     "l0_e30": lite(0, 300, 30),
     "l2_e20": lite(2, 300, 20),
     "l0_384_e20": lite(0, 384, 20),
+    "l0_384_e10": lite(0, 384, 10),  # the photos upsampled: thin cracks span more of the feature maps
+    "l0_448_e10": lite(0, 448, 10),
     "l0_e30_ema": lite(0, 300, 30, "ema_decay=0.995"),
     "l1_e20": lite(1, 300, 20),
     "l0_e30_lr2": lite(0, 300, 30, "lr=0.002"),
