@@ -97,13 +97,13 @@ def cpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
     ]
 
 
-# GPU epochs per Lite model, chosen by 5-fold CV on these photos (one H200, session 6, bench/demo_sweep.py;
-# bench/RESULTS.md; the held-back test split never read): Lite0 10 epochs CV 0.6248, 30 epochs 0.6727 (it
-# overfits: a longer cosine schedule's last epoch is kept); Lite2 5 epochs 0.6873, 20 epochs 0.6525; Lite1
-# measured at 6 only (0.6617). A Lite epoch of 5 folds at 300 px takes 3-6 s there: the first GPU demo
-# (10/6/5 epochs) took 330 s of its 600, the fixed costs most of it (data 19 s, the bundle and its fresh
-# infer.py 74 s, ensemble 22 s); Lite2's 15 more epochs add about 90-130 s (not yet run as a whole demo).
-GPU_EPOCHS = {0: 10, 1: 6, 2: 20}
+# GPU epochs (and size) per Lite model, chosen by 5-fold CV on these photos (one H200, sessions 6 and 7,
+# bench/demo_sweep.py; bench/RESULTS.md; the held-back test split never read): Lite0 10 epochs at 300 px CV
+# 0.6248, 30 epochs 0.6727 (it overfits: a longer cosine schedule's last epoch is kept), 10 epochs at 384 px
+# 0.6363 and at 448 px 0.6405 (upsampling the photos does not help); Lite1 6 epochs 0.6617, 20 epochs 0.6317;
+# Lite2 5 epochs 0.6873, 20 epochs 0.6525. A Lite epoch of 5 folds at 300 px takes 3-6 s there; Lite1 at 20
+# epochs took 140 s of a sweep, Lite2 about as long.
+GPU_EPOCHS = {0: 10, 1: 20, 2: 20}
 
 
 def gpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
