@@ -8,6 +8,8 @@ does, on the same synthetic data, timed over whole epochs with one synchronisati
   trainer   kit's FoldTrainer.train_step on a uint8 batch (normaliser, label smoothing, schedule, param groups)
   augment   + the device pipeline's gather and augmentation (kit.train.device_augment) of a resident cache
   epoch     FoldTrainer.train_epoch over the device feed's epoch (progress bar, loss sums, data-wait timing)
+  epoch, cuda_graphs auto   the same with kit's default: forward + backward replayed from a CUDA graph when
+            a timed step is launch-bound (kit.train.cuda_graph)
 
     python bench/step_parts.py [--model efficientnet_lite0 --size 224 --batch 64 --images 1680 --epochs 3]
 """
@@ -15,6 +17,7 @@ does, on the same synthetic data, timed over whole epochs with one synchronisati
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 
@@ -47,7 +50,7 @@ def main() -> None:
         "efficientnet_lite0",
         [
             *(f"model={args.model}", "pretrained=", f"img_size={args.size}", f"batch_size={args.batch}"),
-            *("hflip=0.5", "vflip=0.5", "rot90=0", "compile=false"),
+            *("hflip=0.5", "vflip=0.5", "rot90=0", "compile=false", "cuda_graphs=false"),
         ],
     )
     steps = args.images // args.batch
@@ -81,7 +84,7 @@ def main() -> None:
 
     rows["bare"] = timed(bare)
 
-    def trainer():
+    def trainer(cfg=cfg):
         net = timm.create_model(args.model, num_classes=4)
         fit = FoldTrainer(cfg, net, {"mean": cfg.mean or [0.5] * 3, "std": cfg.std or [0.5] * 3}, device, steps)
         fit.model.train()
@@ -111,6 +114,10 @@ def main() -> None:
 
     rows["augment alone"] = timed(augment_only)
     rows["epoch"] = timed(lambda epoch: fit.train_epoch(feed.train_epoch(epoch), f"epoch {epoch}"))
+    graphed = trainer(dataclasses.replace(cfg, cuda_graphs="auto"))
+    rows["epoch, cuda_graphs auto"] = timed(lambda epoch: graphed.train_epoch(feed.train_epoch(epoch), "graphed"))
+    ratio = graphed.graphed.launch_ratio if graphed.graphed is not None else None
+    print(json.dumps({"launch_ratio": ratio, "replays": graphed.graph_replays}), flush=True)
 
     for name, seconds in rows.items():
         out = {"layer": name, "ms_per_step": round(1e3 * seconds, 2), "images_per_s": round(args.batch / seconds)}

@@ -101,6 +101,9 @@ class TrainConfig:
     # faster steps after it (2,979 img/s without, about 2,650 with): off unless a model shows it pays
     cudnn_benchmark: bool = False
     compile: bool | str = "auto"  # auto: on CUDA, compiled after epoch 1 when its time says compiling pays
+    # CUDA training steps' forward + backward replayed from a captured graph; auto: when a timed step shows
+    # it launch-bound (kit.train.cuda_graph); not with --ddp, grad_accum > 1 or a compiled model
+    cuda_graphs: bool | str = "auto"
     seed: int = 42
     deterministic: bool = False  # bit-identical CPU runs (resume tests); slower
     # prediction
@@ -121,7 +124,7 @@ RUN_RECORD_KEYS = ("folds_sha256", "classes", "kit_version", "tta_requested")
 # compile: the same recipe either way (bf16-level differences), so a run may resume on another machine
 RESUME_SAFE_KEYS = {
     *("workers", "device", "cache", "predict_batch_size", "name"),
-    *("gpu_cache_gb", "compile", "cudnn_benchmark", "folds_per_gpu"),
+    *("gpu_cache_gb", "compile", "cudnn_benchmark", "folds_per_gpu", "cuda_graphs"),
 }
 
 
@@ -305,6 +308,7 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.pipeline in ("auto", "device", "workers"), "pipeline must be auto, device or workers"),
         (cfg.folds_per_gpu >= 0, "folds_per_gpu must be >= 0 (0: auto)"),
         (cfg.compile in (True, False, "auto"), "compile must be true, false or auto"),
+        (cfg.cuda_graphs in (True, False, "auto"), "cuda_graphs must be true, false or auto"),
         (
             _tta_ok(cfg.tta),
             f"tta items: {', '.join(TTA_VIEWS)}; or auto, optionally followed by the views it may choose",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import math
 import sys
@@ -37,6 +38,7 @@ from kit.train.checkpoint import (
     save_weights,
     snapshot,
 )
+from kit.train.cuda_graph import GraphedStep
 from kit.train.runtime import autocast
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -63,8 +65,8 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
-        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers(), strict=True):
-            ema_buffer.copy_(buffer)
+        # one multi-tensor copy, not a launch per BatchNorm buffer (a small model's step is launch-bound)
+        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -128,6 +130,7 @@ class FoldTrainer:
         self.compiled = False
         if cfg.compile is True:
             self.compile()
+        self.graphed = self._graphed_step(cfg, device)
         self.mixup = self._mixup(cfg, model)
         self.history = FoldHistory()
         self.epoch = 0
@@ -147,10 +150,26 @@ class FoldTrainer:
             num_classes=model.num_classes,
         )
 
+    def _graphed_step(self, cfg: TrainConfig, device: torch.device) -> GraphedStep | None:
+        """The step as a CUDA graph where one can replay it: one device, one micro-batch an update, eager."""
+        eligible = device.type == "cuda" and cfg.grad_accum == 1 and distributed.world() == 1 and not self.compiled
+        if not eligible or cfg.cuda_graphs is False:
+            return None
+        autocast_fn = functools.partial(autocast, device, cfg.precision)
+        return GraphedStep(self.model, self.loss, autocast_fn, cfg.cuda_graphs)
+
+    @property
+    def graph_replays(self) -> bool:
+        """Whether the steps now replay a captured graph (history.csv's cuda_graph column)."""
+        return self.graphed is not None and self.graphed.owns_grads
+
     def compile(self) -> None:
         """torch.compile the training forward (evaluation runs the eager eval_model: no second compile)."""
         self.forward = torch.compile(self.forward)
         self.compiled = True
+        if getattr(self, "graphed", None) is not None:  # compiled kernels replace the captured ones
+            self.graphed = None
+            self.optimizer.zero_grad(set_to_none=True)
 
     def maybe_compile(self, epoch_seconds: float, epochs_done_here: int) -> bool:
         """`compile: auto`: after the fold's second eager epoch on CUDA (the first pays cuDNN's autotuning:
@@ -178,14 +197,18 @@ class FoldTrainer:
         y = labels.to(self.device, non_blocking=True)
         if self.mixup is not None and len(x) % 2 == 0:
             x, y = self.mixup(x, y)
-        with autocast(self.device, self.cfg.precision):
-            loss = self.loss(self.forward(x), y)
-        (loss / self.cfg.grad_accum).backward()
+        if self.graphed is not None and not self.graphed.disabled:
+            loss = self.graphed(x, y)  # grad_accum is 1 here
+        else:
+            with autocast(self.device, self.cfg.precision):
+                loss = self.loss(self.forward(x), y)
+            (loss / self.cfg.grad_accum).backward()
         if (step + 1) % self.cfg.grad_accum == 0 or last:
             if self.cfg.clip_grad:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
             self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            if not self.graph_replays:  # a captured graph overwrites its own gradient buffers each replay
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
             if self.ema is not None:
                 self.ema.update(self.model)

@@ -24,11 +24,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA by default; fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """bf16 autocast on CUDA by default; fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs).
+    cache_enabled=False for a step captured as a CUDA graph (kit.train.cuda_graph)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
     if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 

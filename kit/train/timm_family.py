@@ -92,6 +92,7 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
         seed_everything(seed)
         stats = trainer.train_epoch(feed.train_epoch(seed), f"fold {fold} epoch {epoch + 1}/{cfg.epochs}")
         stats["compiled"] = trainer.compiled
+        stats["cuda_graph"] = trainer.graph_replays
         batches = feed.valid_batches(_predict_batch(cfg, device))
         logp = predict_logp(trainer.eval_model, batches, device, trainer.normalize, ["none"], cfg.precision)
         logp = distributed.gather(logp)

@@ -44,6 +44,7 @@ NOT_RECIPE = {
     "cache": "it changes speed, not the recipe",
     "predict_batch_size": "it changes speed, not the recipe",
     "compile": "it changes speed, not the recipe",
+    "cuda_graphs": "it changes speed, not the recipe",
     "channels_last": "it changes speed, not the recipe",
     "pipeline": "it changes speed, not the recipe",
     "gpu_cache_gb": "it changes speed, not the recipe",

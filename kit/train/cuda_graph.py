@@ -1,0 +1,114 @@
+"""`cuda_graphs`: a training step's forward and backward captured once as a CUDA graph, then replayed.
+
+A small model on a large GPU is launch-bound: efficientnet_lite0 at 224 px and batch 64 launches about a
+thousand kernels a step, and on an H200 the host takes as long to launch them as the GPU to run them
+(bench/step_parts.py: 25 ms a step, kit or a bare timm loop alike). Replaying a captured graph launches
+them all at once. Only forward and backward are captured: the optimizer update, clipping, EMA and the
+schedule stay eager (a few multi-tensor launches), so optimizer state, checkpoints and resume are as before,
+and the graph runs the very kernels the eager step runs.
+
+    step = GraphedStep(model, loss_fn, autocast_fn, mode)   # one per fold trainer, on CUDA
+    loss = step(x, y)  # forward + backward of a normalised batch; the gradients are in p.grad
+    step.owns_grads    # after capture: p.grad are the graph's buffers (zero them in place, never None)
+
+`auto` finds out from the run itself: the first step pays cuDNN's planning, the second is timed on the host
+(launching) and on the GPU (CUDA events); a step whose launching takes at least half its GPU time is
+launch-bound and is captured at the third; a GPU-bound step (a large model) stays eager, as it gains
+nothing and a graph would pin a second copy of its activations.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+LAUNCH_BOUND = 0.5  # host launch time / GPU time of an eager step at or above which capturing pays
+TIMED_STEP, CAPTURE_STEP = 1, 2  # step 0 pays cuDNN's planning; step 1 is timed; step 2 is captured
+
+
+class GraphedStep:
+    def __init__(self, model: torch.nn.Module, loss_fn: Callable, autocast_fn: Callable, mode: bool | str):
+        self.model, self.loss_fn, self.autocast_fn, self.mode = model, loss_fn, autocast_fn, mode
+        self.steps = 0
+        self.stream = torch.cuda.Stream()  # warm-up and capture share a stream, as torch.cuda.graphs asks
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.disabled = mode is False  # the trainer steps eagerly itself: off, measured GPU-bound, or failed
+        self.launch_ratio: float | None = None  # host launch time / GPU time of the timed eager step
+        self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
+
+    @property
+    def owns_grads(self) -> bool:
+        return self.graph is not None
+
+    def fits(self, x: torch.Tensor, y: torch.Tensor) -> bool:
+        """Whether this batch can replay the graph (a ragged batch has another shape: it runs eagerly)."""
+        sx, sy, _ = self.static
+        return x.shape == sx.shape and y.shape == sy.shape and x.dtype == sx.dtype and y.dtype == sy.dtype
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            return self._replay(x, y) if self.fits(x, y) else self._eager(x, y)
+        if self.steps == CAPTURE_STEP:
+            if self.mode is True or (self.launch_ratio or 0.0) >= LAUNCH_BOUND:
+                return self._capture(x, y)
+            self.disabled = True  # GPU-bound: the trainer's own eager step from now on
+        return self._eager(x, y)
+
+    def _replay(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        sx, sy, loss = self.static
+        sx.copy_(x)
+        sy.copy_(y)
+        self.graph.replay()
+        return loss
+
+    def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """An ordinary step on the capture stream (steps before capture), the second of them timed."""
+        if self.owns_grads:  # a ragged batch after capture: the graph's gradient buffers must not accumulate
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.zero_()
+        timed = self.graph is None and self.steps == TIMED_STEP and self.mode == "auto"
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            if timed:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                tick = time.perf_counter()
+            with self.autocast_fn():
+                loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            if timed:
+                launched = time.perf_counter() - tick
+                end.record()
+                end.synchronize()
+                self.launch_ratio = launched / max(start.elapsed_time(end) / 1e3, 1e-9)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.steps += 1
+        return loss
+
+    def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Capture this batch's step (the gradients are None here: the graph allocates and writes them),
+        then replay it: capturing records the kernels without running them."""
+        sx, sy = x.clone(), y.clone()
+        graph = torch.cuda.CUDAGraph()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        try:
+            with torch.cuda.graph(graph, stream=self.stream):
+                with self.autocast_fn(cache_enabled=False):  # autocast's weight cache cannot live in a graph
+                    loss = self.loss_fn(self.model(sx), sy)
+                loss.backward()
+        except RuntimeError as e:  # an op that cannot be captured, or no memory for a second copy of the step
+            print(f"kit: cuda_graphs: capture failed ({str(e).splitlines()[0]}); training eagerly", file=sys.stderr)
+            for p in self.model.parameters():
+                p.grad = None
+            self.disabled = True
+            torch.cuda.current_stream().wait_stream(self.stream)
+            return self._eager(x, y)
+        torch.cuda.current_stream().wait_stream(self.stream)
+        self.graph, self.static = graph, (sx, sy, loss)
+        graph.replay()
+        self.steps += 1
+        return loss
