@@ -87,6 +87,7 @@ def test_no_graph_on_the_cpu_or_where_a_graph_cannot_replay_the_step():
         load_config("tiny", ["cuda_graphs=sometimes"])
 
 
+@pytest.mark.gpu
 @cuda
 def test_no_graph_with_gradient_accumulation_or_a_compiled_model():
     assert _trainer("cuda", "cuda_graphs=true", "grad_accum=2").graphed is None
