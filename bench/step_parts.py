@@ -1,8 +1,9 @@
 """Where a kit training epoch's time goes beyond the bare step, one layer at a time, in one CUDA process.
 
-kit's epochs of efficientnet_lite0 at 224 px, batch 64, ran at ~2,700 img/s on an H200 (bench_e2e case (a))
-while a bare timm + fused AdamW step there runs at ~4,000 img/s. Each row adds one layer of what a kit epoch
-does, on the same synthetic data, timed over whole epochs with one synchronisation at their end:
+bench_e2e case (a) had kit's epochs of efficientnet_lite0 at 224 px, batch 64, at ~2,700 img/s on an H200,
+and a bare step timed in another process at ~4,000 img/s: this measures both in one process. Each row adds
+one layer of what a kit epoch does, on the same synthetic data, timed over whole epochs with one
+synchronisation at their end:
 
   bare      timm model, float channels_last batch already on the GPU, bf16 autocast, CE, fused AdamW
   trainer   kit's FoldTrainer.train_step on a uint8 batch (normaliser, label smoothing, schedule, param groups)

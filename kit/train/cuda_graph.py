@@ -35,9 +35,14 @@ class GraphedStep:
         self.steps = 0
         self.stream = torch.cuda.Stream()  # warm-up and capture share a stream, as torch.cuda.graphs asks
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.disabled = mode is False  # the trainer steps eagerly itself: off, measured GPU-bound, or failed
+        self.disabled = False  # set when measured GPU-bound or a capture failed: the trainer steps eagerly itself
         self.launch_ratio: float | None = None  # host launch time / GPU time of the timed eager step
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
+
+    @property
+    def active(self) -> bool:
+        """Whether the trainer's steps go through this object (warming up, capturing or replaying)."""
+        return not self.disabled
 
     @property
     def owns_grads(self) -> bool:
@@ -67,9 +72,7 @@ class GraphedStep:
     def _eager(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """An ordinary step on the capture stream (steps before capture), the second of them timed."""
         if self.owns_grads:  # a ragged batch after capture: the graph's gradient buffers must not accumulate
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.zero_()
+            torch._foreach_zero_([p.grad for p in self.model.parameters() if p.grad is not None])
         timed = self.graph is None and self.steps == TIMED_STEP and self.mode == "auto"
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):

@@ -127,7 +127,7 @@ class FoldTrainer:
         )
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
         self.forward = distributed.wrap(self.model, device)  # DistributedDataParallel under --ddp, else the model
-        self.compiled = False
+        self.compiled, self.graphed = False, None
         if cfg.compile is True:
             self.compile()
         self.graphed = self._graphed_step(cfg, device)
@@ -167,7 +167,7 @@ class FoldTrainer:
         """torch.compile the training forward (evaluation runs the eager eval_model: no second compile)."""
         self.forward = torch.compile(self.forward)
         self.compiled = True
-        if getattr(self, "graphed", None) is not None:  # compiled kernels replace the captured ones
+        if self.graphed is not None:  # compiled kernels replace the captured ones
             self.graphed = None
             self.optimizer.zero_grad(set_to_none=True)
 
@@ -197,7 +197,7 @@ class FoldTrainer:
         y = labels.to(self.device, non_blocking=True)
         if self.mixup is not None and len(x) % 2 == 0:
             x, y = self.mixup(x, y)
-        if self.graphed is not None and not self.graphed.disabled:
+        if self.graphed is not None and self.graphed.active:
             loss = self.graphed(x, y)  # grad_accum is 1 here
         else:
             with autocast(self.device, self.cfg.precision):
