@@ -186,6 +186,7 @@ def run_kit(root: Path, args: list[str]) -> dict:
         text=True,
     )
     wall = time.time() - started
+    (root / "kit_stderr.txt").write_text(done.stderr)  # its kit: lines say where the start-up went
     if done.returncode:
         raise SystemExit(f"kit train failed ({done.returncode}):\n{done.stderr[-3000:]}")
     name = next(a.split("=", 1)[1] for a in args if a.startswith("name="))

@@ -1,8 +1,10 @@
 """What a CUDA process pays before its first training step runs at speed: the first step of timm's
 efficientnet_lite0 (bf16 autocast, channels_last, fused AdamW) against the steady ones, in one process or
-in N at once (as kit's side-by-side folds start).
+in N at once (as kit's side-by-side folds start), under variants that move the convolutions off cuDNN's
+run-time compiled engines (cuDNN >= 9.10 compiles depthwise kernels with NVRTC at their first use).
 
     python bench/first_step.py --procs 1 5
+    python bench/first_step.py --procs 1 --variants default nchw no_cudnn fp32 --breakdown
 """
 
 from __future__ import annotations
@@ -13,34 +15,81 @@ import subprocess
 import sys
 import time
 
+VARIANTS = ("default", "nchw", "no_cudnn", "fp32")
 
-def one(model_name: str, batch: int, size: int) -> dict:
+
+def _first_forward_by_kind(model, x) -> dict:
+    """Seconds of the first (synchronised) forward of each module kind: where cuDNN plans its engines."""
+    import torch
+
+    spent: dict[str, float] = {}
+
+    def kind(module) -> str:
+        if isinstance(module, torch.nn.Conv2d):
+            shape = "dw" if module.groups > 1 else f"{module.kernel_size[0]}x{module.kernel_size[1]}"
+            return f"conv{shape}"
+        return type(module).__name__
+
+    def before(module, _):
+        torch.cuda.synchronize()
+        module._tick = time.perf_counter()
+
+    def after(module, *_):
+        torch.cuda.synchronize()
+        spent[kind(module)] = spent.get(kind(module), 0.0) + time.perf_counter() - module._tick
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [h for m in leaves for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    model(x)
+    for h in handles:
+        h.remove()
+    return {k: round(v, 2) for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v > 0.05}
+
+
+def one(model_name: str, batch: int, size: int, variant: str = "default", breakdown: bool = False) -> dict:
+    import contextlib
+
     import timm
     import torch
     import torch.nn.functional as F
 
+    torch.backends.cudnn.enabled = variant != "no_cudnn"
+    layout = torch.contiguous_format if variant == "nchw" else torch.channels_last
     t0 = time.perf_counter()
-    model = timm.create_model(model_name, num_classes=4).cuda().to(memory_format=torch.channels_last)
+    model = timm.create_model(model_name, num_classes=4).cuda().to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
-    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=layout)
     y = torch.randint(0, 4, (batch,), device="cuda")
     built = time.perf_counter() - t0
+
+    def precision():
+        return contextlib.nullcontext() if variant == "fp32" else torch.autocast("cuda", dtype=torch.bfloat16)
+
+    by_kind = {}
+    if breakdown:
+        with precision():
+            by_kind = _first_forward_by_kind(model, x)
+        opt.zero_grad(set_to_none=True)
     times = []
     for _ in range(12):
         tick = time.perf_counter()
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with precision():
             loss = F.cross_entropy(model(x).float(), y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - tick)
-    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+    with torch.no_grad(), precision():
         tick = time.perf_counter()
-        model.eval()(torch.randn(512, 3, size, size, device="cuda").contiguous(memory_format=torch.channels_last))
+        model.eval()(torch.randn(512, 3, size, size, device="cuda").contiguous(memory_format=layout))
         torch.cuda.synchronize()
         first_eval = time.perf_counter() - tick
     return {
+        "variant": variant,
+        "cudnn": torch.backends.cudnn.version(),
+        "torch": torch.__version__,
+        "first_forward_by_kind_s": by_kind,
         "build_s": round(built, 2),
         "first_step_s": round(times[0], 2),
         "second_step_s": round(times[1], 3),
@@ -55,18 +104,21 @@ def main() -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default"])
+    p.add_argument("--breakdown", action="store_true", help="time the first forward of each module kind")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()
     if args.child:
-        print(json.dumps(one(args.model, args.batch, args.size)))
+        print(json.dumps(one(args.model, args.batch, args.size, args.variants[0], args.breakdown)))
         return
-    for n in args.procs:
-        tick = time.time()
-        cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch)]
-        cmd += ["--size", str(args.size)]
-        procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
-        rows = [json.loads(proc.communicate()[0]) for proc in procs]
-        print(json.dumps({"procs": n, "wall_s": round(time.time() - tick, 1), "each": rows}), flush=True)
+    for variant in args.variants:
+        for n in args.procs:
+            tick = time.time()
+            cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch)]
+            cmd += ["--size", str(args.size), "--variants", variant] + (["--breakdown"] if args.breakdown else [])
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+            rows = [json.loads(proc.communicate()[0] or "{}") for proc in procs]
+            print(json.dumps({"procs": n, "wall_s": round(time.time() - tick, 1), "each": rows}), flush=True)
 
 
 if __name__ == "__main__":
