@@ -8,6 +8,7 @@ DataLoader workers, per-epoch validation, the best epoch's weights kept for the 
     python bench/bench_e2e.py --case elpv            # (a) elpv photos, lite0@224, 5 folds x 10 epochs
     python bench/bench_e2e.py --case jpegs           # (b) 25k synthetic 512x384 JPEGs, convnext_base@384
     python bench/bench_e2e.py --case elpv --quick    # a CPU smoke run of the same code
+    python bench/bench_e2e.py --case elpv --kit-only --pyspy prof.txt   # kit alone, sampled by py-spy
 
 Prints one JSON object per case (and writes it to --out): walls, their ratio, the share of the window from
 kit's first training step to its last spent inside training epochs, start-up, data wait, images/s, CVs.
@@ -177,10 +178,14 @@ def hand_loop(
 # --- kit as a user runs it -------------------------------------------------------------------------------------
 
 
+# set by --pyspy: kit's process is sampled (200 Hz, every thread, waits included; bench/pyspy_summary.py)
+PYSPY: list[str] = []
+
+
 def run_kit(root: Path, args: list[str]) -> dict:
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "kit.cli", "train", *args, "--root", str(root)],
+        [*PYSPY, sys.executable, "-m", "kit.cli", "train", *args, "--root", str(root)],
         env=_env(),
         capture_output=True,
         text=True,
@@ -238,7 +243,7 @@ def run_hand(root: Path, **settings) -> dict:
 # --- the cases -------------------------------------------------------------------------------------------------
 
 
-def case_elpv(work: Path, quick: bool) -> dict:
+def case_elpv(work: Path, quick: bool, kit_only: bool = False) -> dict:
     from kit.demo.elpv import materialise_elpv
     from kit.folds import make_folds
 
@@ -264,6 +269,8 @@ def case_elpv(work: Path, quick: bool) -> dict:
     if quick:
         kit_args += ["--fold", "0"]
     kit = run_kit(work, kit_args)
+    if kit_only:
+        return {"case": "elpv lite0 (kit only)", "kit": kit}
     hand = run_hand(
         work,
         model_name="efficientnet_lite0",
@@ -382,12 +389,17 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/kit-e2e"))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--kit-only", action="store_true", help="case elpv: kit's side only, no ratio")
+    parser.add_argument("--pyspy", type=Path, help="sample kit's process with py-spy into this raw profile")
     args = parser.parse_args()
+    if args.pyspy:
+        sampler = ["py-spy", "record", "--nonblocking", "--threads", "--idle", "-r", "200", "-f", "raw"]
+        PYSPY.extend([*sampler, "-o", str(args.pyspy), "--"])
     results = []
     for case in args.case:
         work = args.work / case
         work.mkdir(parents=True, exist_ok=True)
-        result = (case_elpv if case == "elpv" else case_jpegs)(work, args.quick)
+        result = case_elpv(work, args.quick, args.kit_only) if case == "elpv" else case_jpegs(work, args.quick)
         print(json.dumps(result), flush=True)
         results.append(result)
         if args.out:

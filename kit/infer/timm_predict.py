@@ -62,6 +62,40 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
     return requested and device.type in ("cuda", "cpu")
 
 
+def place_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
+    """The model on `device` in the layout its convolutions run fastest in: channels_last when asked (and
+    `use_channels_last` allows), its depthwise convolutions on CUDA computed in NCHW (_route_depthwise)."""
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = model.to(device, memory_format=memory_format)
+    if channels_last and device.type == "cuda":
+        _route_depthwise(model)
+    return model
+
+
+def _route_depthwise(model: torch.nn.Module) -> None:
+    """Depthwise convolutions of a channels_last model compute in NCHW, off cuDNN's run-time compiled engines.
+
+    For channels_last input PyTorch always sends a depthwise convolution to cuDNN, and cuDNN 9.19 builds
+    its bf16 kernels with NVRTC at the first use of each shape: 14.5 s of an H200 process's first
+    efficientnet_lite0 step (5.3 s of it in the forward's depthwise layers) and 3 s more per new
+    prediction batch size, against 0.3 s for the same step in NCHW (bench/first_step.py). In NCHW PyTorch
+    takes kernels that need no compiling; the rest of the model stays channels_last. The weights are kept
+    NCHW too (cuDNN follows the weight's layout as well as the input's), before any optimizer state exists."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels:
+            module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
+            module.register_forward_pre_hook(_nchw_input)
+            module.register_forward_hook(_channels_last_output)
+
+
+def _nchw_input(_module, args):
+    return (args[0].contiguous(), *args[1:])
+
+
+def _channels_last_output(_module, _args, output):
+    return output.contiguous(memory_format=torch.channels_last)
+
+
 class Normalizer(torch.nn.Module):
     """uint8 NCHW batches from the loader -> normalised float on the device (channels_last if asked)."""
 
@@ -192,8 +226,7 @@ class TimmFold:
             raise KitError(f"{weights}: does not fit timm {timm.__version__}'s {spec['model']} ({reason})") from None
         channels_last = use_channels_last(spec["channels_last"], device)
         # eval once here: the decode-once path feeds batches to `logp` directly, with no predict_logp around it
-        memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.model = model.eval().to(device, memory_format=memory_format)
+        self.model = place_model(model.eval(), device, channels_last)
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
 
     def logp(self, images: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from kit.config import TrainConfig
 from kit.infer.progress import progress_bar
-from kit.infer.timm_predict import Normalizer, use_channels_last
+from kit.infer.timm_predict import Normalizer, place_model, use_channels_last
 from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
@@ -116,7 +116,7 @@ class FoldTrainer:
     ):
         self.cfg, self.device = cfg, device
         channels_last = use_channels_last(cfg.channels_last, device)
-        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
+        self.model = place_model(model, device, channels_last)
         self.normalize = Normalizer(data_cfg["mean"], data_cfg["std"], channels_last).to(device)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda"
