@@ -393,7 +393,8 @@ def main() -> None:
     parser.add_argument("--pyspy", type=Path, help="sample kit's process with py-spy into this raw profile")
     args = parser.parse_args()
     if args.pyspy:
-        sampler = ["py-spy", "record", "--nonblocking", "--threads", "--idle", "-r", "200", "-f", "raw"]
+        sampler = ["py-spy", "record", "--nonblocking", "--threads", "--idle", "--full-filenames", "-r", "200"]
+        sampler += ["-f", "raw"]
         PYSPY.extend([*sampler, "-o", str(args.pyspy), "--"])
     results = []
     for case in args.case:

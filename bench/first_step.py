@@ -15,9 +15,7 @@ import subprocess
 import sys
 import time
 
-# default: channels_last bf16 as a hand loop writes it; kit: the same through kit.infer.timm_predict.place_model
-# (depthwise convolutions in NCHW); nchw: the whole model NCHW; no_cudnn: PyTorch's own kernels; fp32: TF32
-VARIANTS = ("default", "kit", "nchw", "no_cudnn", "fp32")
+VARIANTS = ("default", "nchw", "no_cudnn", "fp32")
 
 
 def _first_forward_by_kind(model, x) -> dict:
@@ -59,19 +57,13 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
     layout = torch.contiguous_format if variant == "nchw" else torch.channels_last
     t0 = time.perf_counter()
     model = timm.create_model(model_name, num_classes=4).cuda().to(memory_format=layout)
-    if variant == "kit":
-        from kit.infer.timm_predict import place_model
-
-        model = place_model(model, torch.device("cuda"), channels_last=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     x = torch.randn(batch, 3, size, size, device="cuda").contiguous(memory_format=layout)
     y = torch.randint(0, 4, (batch,), device="cuda")
     built = time.perf_counter() - t0
 
-    def precision(cache_enabled: bool = True):
-        if variant == "fp32":
-            return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    def precision():
+        return contextlib.nullcontext() if variant == "fp32" else torch.autocast("cuda", dtype=torch.bfloat16)
 
     by_kind = {}
     if breakdown:
@@ -88,15 +80,11 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
         opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
         times.append(time.perf_counter() - tick)
-    graphed = _graphed_step_ms(model, opt, x, y, precision)
     with torch.no_grad(), precision():
-        big = torch.randn(512, 3, size, size, device="cuda").contiguous(memory_format=layout)
-        evals = []
-        for _ in range(6):
-            tick = time.perf_counter()
-            model.eval()(big)
-            torch.cuda.synchronize()
-            evals.append(time.perf_counter() - tick)
+        tick = time.perf_counter()
+        model.eval()(torch.randn(512, 3, size, size, device="cuda").contiguous(memory_format=layout))
+        torch.cuda.synchronize()
+        first_eval = time.perf_counter() - tick
     return {
         "variant": variant,
         "cudnn": torch.backends.cudnn.version(),
@@ -106,36 +94,8 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
         "first_step_s": round(times[0], 2),
         "second_step_s": round(times[1], 3),
         "steady_step_ms": round(1e3 * sorted(times[2:])[len(times[2:]) // 2], 1),
-        "graphed_step_ms": graphed,  # forward + backward replayed from a CUDA graph, AdamW eager: the GPU's time
-        "first_eval_b512_s": round(evals[0], 2),
-        "eval_b512_ms": round(1e3 * sorted(evals[1:])[2], 1),
+        "first_eval_b512_s": round(first_eval, 2),
     }
-
-
-def _graphed_step_ms(model, opt, x, y, precision) -> float:
-    """The median step with forward and backward replayed from a CUDA graph (as kit's cuda_graphs)."""
-    import torch
-    import torch.nn.functional as F
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up off the capture stream, as torch.cuda.graphs asks
-        for _ in range(3):
-            with precision():
-                F.cross_entropy(model(x).float(), y).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    opt.zero_grad(set_to_none=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), precision(cache_enabled=False):
-        F.cross_entropy(model(x).float(), y).backward()
-    times = []
-    for _ in range(25):
-        tick = time.perf_counter()
-        graph.replay()
-        opt.step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - tick)
-    return round(1e3 * sorted(times[5:])[10], 2)
 
 
 def main() -> None:

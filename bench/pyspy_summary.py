@@ -4,7 +4,7 @@ py-spy samples every thread's Python stack; this counts the main thread's sample
 in kit (the kit function that was running or waiting) and by the innermost frame of all, so a gap between
 training epochs (validation, checkpoint, hand-off) shows as the kit functions that fill it.
 
-    py-spy record --nonblocking -r 200 -f raw -o prof.txt -- python -m kit.cli train ...
+    py-spy record --nonblocking --threads --idle --full-filenames -r 200 -f raw -o prof.txt -- kit train ...
     python bench/pyspy_summary.py prof.txt [--top 40] [--within _train_epochs --without train_epoch]
 
 --within / --without keep the samples whose stack holds (or lacks) a function: the two above leave the
@@ -27,11 +27,12 @@ def summarise(lines, top: int, within: str = "", without: str = "") -> str:
         if not stack or not count.isdigit():
             continue
         frames = stack.split(";")
-        if "MainThread" not in frames[0] and "process" not in frames[0]:
-            continue  # py-spy puts the thread first; keep the main thread's stacks
+        main = "MainThread" in frames[0] or (frames[1:2] and frames[1].startswith("<module>"))
+        if not main:  # py-spy puts the thread first (its name when it could read it); keep the main thread
+            continue
         parsed = [FRAME.match(f) for f in frames[1:]]
         parsed = [m for m in parsed if m]
-        names = {m["func"] for m in parsed}
+        names = {m["func"].rpartition(".")[2] for m in parsed}  # py-spy names methods Class.method
         if (within and within not in names) or (without and without in names):
             continue
         n = int(count)

@@ -34,3 +34,18 @@ def test_a_ragged_batch_padded_on_cuda_predicts_its_rows_as_a_full_batch():
     assert ragged.shape == (37, 4)
     torch.testing.assert_close(ragged, full[:37], atol=1e-4, rtol=0)
     assert torch.allclose(ragged.exp().sum(1), torch.ones(37, device="cuda"), atol=1e-5)
+
+
+def test_every_cuda_prediction_batch_has_one_shape():
+    from kit.infer.timm_predict import PAD_ROWS, pad_rows, prediction_rows
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
+    assert prediction_rows(128, 224, cpu) == 128  # the CPU predicts at the spec's batch
+    assert prediction_rows(128, 224, cuda) == 512  # CUDA_BATCH_PIXELS worth at 224 px
+    assert prediction_rows(128, 300, cuda) == 384  # 285 images of 300 px, rounded up to PAD_ROWS
+    assert prediction_rows(1000, 224, cuda) == 1024
+    assert all(prediction_rows(b, s, cuda) % PAD_ROWS == 0 for b in (8, 64, 200) for s in (32, 224, 600))
+    images = torch.ones(13, 3, 4, 4, dtype=torch.uint8)
+    padded = pad_rows(images, 32)
+    assert padded.shape == (32, 3, 4, 4) and torch.equal(padded[:13], images) and not padded[13:].any()
+    assert pad_rows(images, 8) is images  # a full batch is left alone

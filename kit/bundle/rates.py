@@ -86,13 +86,12 @@ class Timed:
 
 def forward_rate(model, normalize, spec: dict, device: torch.device) -> tuple[float, float]:
     """(images per second, extra seconds of the first batch), in the member's precision and prediction batch."""
-    from kit.infer.streams import CUDA_BATCH_PIXELS
+    from kit.infer.timm_predict import prediction_rows
     from kit.train.runtime import autocast
 
     size = spec["img_size"]
     # the stream's batch on a GPU (kit.infer.streams.stream_batch); on the CPU the rate hardly depends on it
-    cuda_batch = max(spec["batch_size"], CUDA_BATCH_PIXELS // (size * size))
-    batch = cuda_batch if device.type == "cuda" else min(spec["batch_size"], 8)
+    batch = prediction_rows(spec["batch_size"], size, device) if device.type == "cuda" else min(spec["batch_size"], 8)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     times = []
     with torch.inference_mode():

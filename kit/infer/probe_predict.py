@@ -18,14 +18,7 @@ import torch
 
 from kit.infer.images import ImageFiles, image_batches
 from kit.infer.progress import progress
-from kit.infer.timm_predict import (
-    Normalizer,
-    build_timm_model,
-    load_safetensors,
-    place_model,
-    raise_bad_image,
-    use_channels_last,
-)
+from kit.infer.timm_predict import Normalizer, build_timm_model, load_safetensors, raise_bad_image, use_channels_last
 from kit.preds import to_logp
 from kit.train.runtime import autocast
 
@@ -36,7 +29,8 @@ class Encoder:
     def __init__(self, model: torch.nn.Module, spec: dict, device: torch.device):
         # bundles made before channels_last on the CPU have no such key: they encoded in the default layout
         channels_last = use_channels_last(spec.get("channels_last", False), device)
-        self.model = place_model(model.eval(), device, channels_last)
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.to(device, memory_format=memory_format).eval()
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
         self.device, self.precision = device, spec["precision"]
 

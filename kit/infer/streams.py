@@ -24,14 +24,11 @@ import torch
 from kit.errors import KitError
 from kit.infer.images import ImageFiles, image_batches, prefetch_batches
 from kit.infer.progress import progress
-from kit.infer.timm_predict import TimmFold, build_timm_model, raise_bad_image
+from kit.infer.timm_predict import TimmFold, build_timm_model, pad_rows, prediction_rows, raise_bad_image
 from kit.preds import mean_in_prob_space
 from kit.train.runtime import set_tf32
 
 BUDGET_SHARE = 0.5  # of the free device (or host) memory that fold weights may take; the rest is activations
-# On a GPU a batch of at least this many pixels (512 images at 224 px, 174 at 384): small models at their
-# training batch would wait on kernel launches, and the activations stay near those of 512 x 224 px
-CUDA_BATCH_PIXELS = 512 * 224 * 224
 CHUNK = 32  # images a worker decodes per item of the loader
 
 
@@ -123,12 +120,11 @@ def fold_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
 
 
 def stream_batch(jobs: list[Job], size: int, device: torch.device, requested: int | None) -> int:
-    """--batch-size when given, else the largest prediction batch of the members, on a GPU at least
-    CUDA_BATCH_PIXELS worth (a batch's size changes a model's outputs only by float rounding)."""
+    """--batch-size when given, else the largest prediction batch of the members as kit's own predictions
+    ran it (kit.infer.timm_predict.prediction_rows: a batch's size changes outputs only by float rounding)."""
     if requested:
         return requested
-    batch = max(job.node["spec"]["batch_size"] for job in jobs)
-    return max(batch, CUDA_BATCH_PIXELS // (size * size)) if device.type == "cuda" else batch
+    return prediction_rows(max(job.node["spec"]["batch_size"] for job in jobs), size, device)
 
 
 def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -183,8 +179,10 @@ def stream(models: list[Callable], dataset, batch_size: int, workers: int, devic
     start = 0
     for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device):
         stop = start + len(images)
+        if images.is_cuda:  # the last, ragged batch gets the others' shape: no new cuDNN plans
+            images = pad_rows(images, batch_size)
         for i, model in enumerate(models):
-            y = model(images)
+            y = model(images)[: stop - start]
             if outs[i] is None:  # shapes are known on the host: no device round trip per batch
                 outs[i] = torch.empty((len(dataset), y.shape[1]), dtype=torch.float32, device=device)
             outs[i][start:stop] = y

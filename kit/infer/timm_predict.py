@@ -62,40 +62,6 @@ def use_channels_last(requested: bool, device: torch.device) -> bool:
     return requested and device.type in ("cuda", "cpu")
 
 
-def place_model(model: torch.nn.Module, device: torch.device, channels_last: bool) -> torch.nn.Module:
-    """The model on `device` in the layout its convolutions run fastest in: channels_last when asked (and
-    `use_channels_last` allows), its depthwise convolutions on CUDA computed in NCHW (_route_depthwise)."""
-    memory_format = torch.channels_last if channels_last else torch.preserve_format
-    model = model.to(device, memory_format=memory_format)
-    if channels_last and device.type == "cuda":
-        _route_depthwise(model)
-    return model
-
-
-def _route_depthwise(model: torch.nn.Module) -> None:
-    """Depthwise convolutions of a channels_last model compute in NCHW, off cuDNN's run-time compiled engines.
-
-    For channels_last input PyTorch always sends a depthwise convolution to cuDNN, and cuDNN 9.19 builds
-    its bf16 kernels with NVRTC at the first use of each shape: 14.5 s of an H200 process's first
-    efficientnet_lite0 step (5.3 s of it in the forward's depthwise layers) and 3 s more per new
-    prediction batch size, against 0.3 s for the same step in NCHW (bench/first_step.py). In NCHW PyTorch
-    takes kernels that need no compiling; the rest of the model stays channels_last. The weights are kept
-    NCHW too (cuDNN follows the weight's layout as well as the input's), before any optimizer state exists."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d) and 1 < module.groups == module.in_channels:
-            module.weight.data = module.weight.data.clone(memory_format=torch.contiguous_format)
-            module.register_forward_pre_hook(_nchw_input)
-            module.register_forward_hook(_channels_last_output)
-
-
-def _nchw_input(_module, args):
-    return (args[0].contiguous(), *args[1:])
-
-
-def _channels_last_output(_module, _args, output):
-    return output.contiguous(memory_format=torch.channels_last)
-
-
 class Normalizer(torch.nn.Module):
     """uint8 NCHW batches from the loader -> normalised float on the device (channels_last if asked)."""
 
@@ -118,21 +84,48 @@ def raise_bad_image(extra) -> None:
             raise KitError(f"{bad[0]}" + (f" ({len(bad)} unusable images in this batch)" if len(bad) > 1 else ""))
 
 
-# On CUDA cuDNN builds an execution plan per convolution and input shape, about 40 ms each (2 s for
-# lite0's forward, bench/first_step.py): every fold's last, ragged validation batch was a new shape. Batches
-# are padded with blank rows to a multiple of this, the extra rows' outputs dropped.
+# On CUDA cuDNN builds an execution plan per convolution and input shape: about 40 ms each for ordinary
+# convolutions, and for bf16 channels_last depthwise ones (cuDNN 9.19 compiles their kernels at run time)
+# 3 s per new batch size for lite0's forward on an H200 (bench/first_step.py). So every prediction batch on
+# CUDA has one shape, `prediction_rows`, a ragged one padded with blank rows (their outputs dropped): kit's
+# own predictions during training and kit predict's / the bundle's then run the same kernels, and plan once.
 PAD_ROWS = 128
+# At least this many pixels a prediction batch on a GPU (512 images at 224 px, 174 at 384): small models at
+# their training batch would wait on kernel launches, and the activations stay near those of 512 x 224 px.
+CUDA_BATCH_PIXELS = 512 * 224 * 224
+
+
+def prediction_rows(batch_size: int, img_size: int, device: torch.device) -> int:
+    """The rows of every prediction batch of `img_size` images: `batch_size` on the CPU; on CUDA at least
+    CUDA_BATCH_PIXELS worth, rounded up to a multiple of PAD_ROWS."""
+    if device.type != "cuda":
+        return batch_size
+    rows = max(batch_size, CUDA_BATCH_PIXELS // (img_size * img_size))
+    return -(-rows // PAD_ROWS) * PAD_ROWS
+
+
+def pad_rows(images: torch.Tensor, rows: int) -> torch.Tensor:
+    """A batch with blank rows appended up to `rows` (the caller drops their outputs)."""
+    if len(images) >= rows:
+        return images
+    return torch.cat([images, images.new_zeros((rows - len(images), *images.shape[1:]))])
 
 
 @torch.no_grad()
 def tta_logp(
-    model: torch.nn.Module, images: torch.Tensor, normalize: Normalizer, tta: list[str], precision: str
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    normalize: Normalizer,
+    tta: list[str],
+    precision: str,
+    rows: int | None = None,
 ) -> torch.Tensor:
     """Log-probabilities [B, C] float32 of one uint8 NCHW batch already on the device, the views in `tta`
-    averaged in probability space. The one place a timm model turns pixels into predictions."""
+    averaged in probability space. The one place a timm model turns pixels into predictions. On CUDA a
+    ragged batch is padded to `rows` (the loader's batch), or else to a multiple of PAD_ROWS."""
     n = len(images)
-    if images.is_cuda and n % PAD_ROWS:  # one shape for every ragged batch: cuDNN plans it once
-        images = torch.cat([images, images.new_zeros((PAD_ROWS - n % PAD_ROWS, *images.shape[1:]))])
+    if images.is_cuda:  # one shape for every batch: cuDNN plans it once
+        images = pad_rows(images, rows if rows and rows >= n else -(-n // PAD_ROWS) * PAD_ROWS)
     x = normalize(images)
     probs = 0
     for name in tta:
@@ -152,12 +145,12 @@ def predict_logp(
     precision: str,
     desc: str = "predicting",
 ) -> np.ndarray:
-    """Log-probabilities [N, C] of a loader's batches (see tta_logp)."""
+    """Log-probabilities [N, C] of a loader's batches (see tta_logp; ragged ones padded to its batch size)."""
     model.eval()
-    out = []
+    out, rows = [], getattr(loader, "batch_size", None)
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
-        out.append(tta_logp(model, images.to(device, non_blocking=True), normalize, tta, precision).cpu())
+        out.append(tta_logp(model, images.to(device, non_blocking=True), normalize, tta, precision, rows).cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
@@ -174,11 +167,11 @@ def predict_view_logp(
     """Each view's own log-probabilities [V, N, C], each batch decoded once: what kit's `tta: auto`
     chooses from (an average of some of them in probability space is what `tta_logp` computes)."""
     model.eval()
-    out = []
+    out, rows = [], getattr(loader, "batch_size", None)
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
         x = images.to(device, non_blocking=True)
-        out.append(torch.stack([tta_logp(model, x, normalize, [view], precision) for view in views]).cpu())
+        out.append(torch.stack([tta_logp(model, x, normalize, [view], precision, rows) for view in views]).cpu())
     return torch.cat(out, dim=1).numpy().astype(np.float32)
 
 
@@ -226,8 +219,14 @@ class TimmFold:
             raise KitError(f"{weights}: does not fit timm {timm.__version__}'s {spec['model']} ({reason})") from None
         channels_last = use_channels_last(spec["channels_last"], device)
         # eval once here: the decode-once path feeds batches to `logp` directly, with no predict_logp around it
-        self.model = place_model(model.eval(), device, channels_last)
+        memory_format = torch.channels_last if channels_last else torch.preserve_format
+        self.model = model.eval().to(device, memory_format=memory_format)
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
+
+    @property
+    def batch_size(self) -> int:
+        """Its prediction batch: the spec's, on CUDA as every kit prediction shapes it (prediction_rows)."""
+        return prediction_rows(self.spec["batch_size"], self.spec["img_size"], self.device)
 
     def logp(self, images: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there."""
@@ -243,7 +242,7 @@ class TimmFold:
         desc: str = "predicting",
     ) -> np.ndarray:
         dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
-        loader = image_batches(dataset, batch_size or self.spec["batch_size"], workers, self.device)
+        loader = image_batches(dataset, batch_size or self.batch_size, workers, self.device)
         spec = self.spec
         return predict_logp(self.model, loader, self.device, self.normalize, spec["tta"], spec["precision"], desc)
 
@@ -258,5 +257,5 @@ class TimmFold:
     ) -> np.ndarray:
         """[V, N, C] float32: the log-probabilities of each of `views` on its own (predict_view_logp)."""
         dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
-        loader = image_batches(dataset, self.spec["batch_size"], workers, self.device)
+        loader = image_batches(dataset, self.batch_size, workers, self.device)
         return predict_view_logp(self.model, loader, self.device, self.normalize, views, self.spec["precision"], desc)

@@ -50,7 +50,7 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
 
 
 def _timm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
-    from kit.infer.timm_predict import place_model, use_channels_last
+    from kit.infer.timm_predict import use_channels_last
     from kit.train.augment import eval_pipeline
     from kit.train.dataset import ImageDataset, make_loader
     from kit.train.loop import Normalizer
@@ -58,7 +58,8 @@ def _timm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
     from kit.train.timm_model import build_model
 
     channels_last = use_channels_last(cfg.channels_last, device)
-    model = place_model(build_model(cfg, num_classes=0).eval(), device, channels_last)  # pooled features
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    model = build_model(cfg, num_classes=0).to(device, memory_format=memory_format).eval()  # pooled features
     normalize = Normalizer(cfg.mean, cfg.std, channels_last).to(device)
     batch = cfg.predict_batch_size or 2 * cfg.batch_size
 

@@ -25,13 +25,14 @@ import torch.nn.functional as F
 
 from kit.config import TrainConfig
 from kit.infer.progress import progress_bar
-from kit.infer.timm_predict import Normalizer, place_model, use_channels_last
+from kit.infer.timm_predict import Normalizer, use_channels_last
 from kit.infer.timm_predict import predict_logp as predict_logp  # re-exported: the fold loop predicts with it
 from kit.io import write_text
 from kit.metrics import accuracy, log_loss
 from kit.train import distributed
 from kit.train.checkpoint import (
     BackgroundWriter,
+    host_copies,
     load_optimizer,
     load_training_state,
     save_training_state,
@@ -116,7 +117,7 @@ class FoldTrainer:
     ):
         self.cfg, self.device = cfg, device
         channels_last = use_channels_last(cfg.channels_last, device)
-        self.model = place_model(model, device, channels_last)
+        self.model = model.to(device, memory_format=torch.channels_last if channels_last else torch.preserve_format)
         self.normalize = Normalizer(data_cfg["mean"], data_cfg["std"], channels_last).to(device)
         self.optimizer = torch.optim.AdamW(
             param_groups(model, cfg.weight_decay), lr=cfg.lr, fused=device.type == "cuda"
@@ -320,10 +321,9 @@ class FoldTrainer:
 
 def _host_optimizer_state(state: dict) -> dict:
     """The optimizer's state dict with its tensors copied to the host now (moments, step counts)."""
-    slots = {
-        i: {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in s.items()}
-        for i, s in state["state"].items()
-    }
+    where = [(i, k) for i, slot in state["state"].items() for k, v in slot.items() if torch.is_tensor(v)]
+    copies = dict(zip(where, host_copies([state["state"][i][k] for i, k in where]), strict=True))
+    slots = {i: {k: copies.get((i, k), v) for k, v in slot.items()} for i, slot in state["state"].items()}
     return {"state": slots, "param_groups": copy.deepcopy(state["param_groups"])}
 
 

@@ -10,7 +10,7 @@ import torch
 
 from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
-from kit.infer.timm_predict import TimmFold, predict_view_logp, timm_spec
+from kit.infer.timm_predict import TimmFold, predict_view_logp, prediction_rows, timm_spec
 from kit.train import distributed
 from kit.train.dataset import image_cache
 from kit.train.feed import EvalBatches, fold_feed, resident, use_device_pipeline
@@ -109,10 +109,9 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
 
 
 def _predict_batch(cfg: TrainConfig, device: torch.device) -> int:
-    """Prediction holds no gradients: on the device pipeline a large batch, else twice the training one."""
-    if cfg.predict_batch_size:
-        return cfg.predict_batch_size
-    return max(512, 2 * cfg.batch_size) if use_device_pipeline(cfg, device) else 2 * cfg.batch_size
+    """Prediction holds no gradients: twice the training batch, on CUDA the shape kit predict and the bundle
+    give the same images (kit.infer.timm_predict.prediction_rows), so both run the same kernels."""
+    return cfg.predict_batch_size or prediction_rows(2 * cfg.batch_size, cfg.img_size, device)
 
 
 def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[[list[str]], np.ndarray]:
