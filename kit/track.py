@@ -10,6 +10,7 @@ tensorboard package the figures stay in each fold's history.csv and one line say
 
 from __future__ import annotations
 
+import functools
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -27,7 +28,6 @@ TAGS = {
     "data_wait": "speed/data_wait_share",
     "seconds": "speed/epoch_seconds",
 }
-_notice_shown = False  # the missing-package line is said once, not once per fold
 
 EpochHook = Callable[[int, dict], None]
 
@@ -47,20 +47,20 @@ def scalars(row: dict) -> dict[str, float]:
     return found
 
 
+@functools.cache
 def _writer_class():
-    """torch's SummaryWriter, or None (with the one-line notice) when tensorboard is not installed."""
-    global _notice_shown
+    """torch's SummaryWriter, or None (with the one-line notice) when tensorboard is not installed; found
+    out once per process, so the notice is said once, not once per fold (and a failed import, tried again,
+    runs again in full: ~40 ms per fold)."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
-        if not _notice_shown:
-            _notice_shown = True
-            print(
-                "note: the tensorboard package is not installed; per-epoch figures are only in "
-                "runs/<run>/fold<k>/history.csv (pip install tensorboard to see them in TensorBoard)",
-                file=sys.stderr,
-                flush=True,
-            )
+        print(
+            "note: the tensorboard package is not installed; per-epoch figures are only in "
+            "runs/<run>/fold<k>/history.csv (pip install tensorboard to see them in TensorBoard)",
+            file=sys.stderr,
+            flush=True,
+        )
         return None
     return SummaryWriter
 

@@ -237,3 +237,18 @@ def test_prediction_sets_tf32_as_the_run_trained(setup, deterministic):
     finally:
         torch.backends.cuda.matmul.allow_tf32 = held
         torch.use_deterministic_algorithms(False)
+
+
+def test_a_stream_feeds_each_member_its_own_batch_shape():
+    from kit.infer.streams import _in_pieces
+
+    shapes = []
+
+    def member(x):  # a row-wise model that records the batch shapes it is fed
+        shapes.append(len(x))
+        return x.flatten(1).float().sum(1, keepdim=True)
+
+    images = torch.arange(13 * 3 * 2 * 2, dtype=torch.uint8).view(13, 3, 2, 2)
+    out = _in_pieces(member, images, 5)
+    assert shapes == [5, 5, 5]  # 5 + 5 + 3 rows, the last piece padded to 5
+    torch.testing.assert_close(out, images.flatten(1).float().sum(1, keepdim=True))

@@ -36,15 +36,17 @@ def test_a_ragged_batch_padded_on_cuda_predicts_its_rows_as_a_full_batch():
     assert torch.allclose(ragged.exp().sum(1), torch.ones(37, device="cuda"), atol=1e-5)
 
 
-def test_every_cuda_prediction_batch_has_one_shape():
-    from kit.infer.timm_predict import PAD_ROWS, pad_rows, prediction_rows
+def test_every_cuda_prediction_batch_has_the_training_shape():
+    from kit.infer.timm_predict import pad_rows, prediction_rows, timm_spec
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")  # a device object needs no GPU
-    assert prediction_rows(128, 224, cpu) == 128  # the CPU predicts at the spec's batch
-    assert prediction_rows(128, 224, cuda) == 512  # CUDA_BATCH_PIXELS worth at 224 px
-    assert prediction_rows(128, 300, cuda) == 384  # 285 images of 300 px, rounded up to PAD_ROWS
-    assert prediction_rows(1000, 224, cuda) == 1024
-    assert all(prediction_rows(b, s, cuda) % PAD_ROWS == 0 for b in (8, 64, 200) for s in (32, 224, 600))
+    config = {"model": "resnet10t", "num_classes": 3, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = timm_spec({**config, "tta": ["none"], "batch_size": 48})
+    assert prediction_rows(spec, cuda) == 48  # the steps' shape: their cuDNN plans serve prediction
+    assert prediction_rows(spec, cpu) == 96  # the CPU's loader batch, twice the training one
+    chosen = timm_spec({**config, "tta": ["none"], "batch_size": 48, "predict_batch_size": 200})
+    assert prediction_rows(chosen, cuda) == prediction_rows(chosen, cpu) == 200
+    assert prediction_rows({"batch_size": 128}, cuda) == 128  # a probe encoder's spec: its own batch
     images = torch.ones(13, 3, 4, 4, dtype=torch.uint8)
     padded = pad_rows(images, 32)
     assert padded.shape == (32, 3, 4, 4) and torch.equal(padded[:13], images) and not padded[13:].any()

@@ -91,7 +91,7 @@ def forward_rate(model, normalize, spec: dict, device: torch.device) -> tuple[fl
 
     size = spec["img_size"]
     # the stream's batch on a GPU (kit.infer.streams.stream_batch); on the CPU the rate hardly depends on it
-    batch = prediction_rows(spec["batch_size"], size, device) if device.type == "cuda" else min(spec["batch_size"], 8)
+    batch = prediction_rows(spec, device) if device.type == "cuda" else min(spec["batch_size"], 8)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     times = []
     with torch.inference_mode():

@@ -124,7 +124,7 @@ def stream_batch(jobs: list[Job], size: int, device: torch.device, requested: in
     ran it (kit.infer.timm_predict.prediction_rows: a batch's size changes outputs only by float rounding)."""
     if requested:
         return requested
-    return prediction_rows(max(job.node["spec"]["batch_size"] for job in jobs), size, device)
+    return max(prediction_rows(job.node["spec"], device) for job in jobs)
 
 
 def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor], torch.Tensor]]:
@@ -164,11 +164,21 @@ def device_batches(loader, batch_size: int, device: torch.device) -> Iterator[to
 
 
 @torch.inference_mode()
-def stream(models: list[Callable], dataset, batch_size: int, workers: int, device: torch.device, desc: str) -> list:
+def stream(
+    models: list[Callable],
+    dataset,
+    batch_size: int,
+    workers: int,
+    device: torch.device,
+    desc: str,
+    rows: list[int] | None = None,
+) -> list:
     """Every model's outputs [N, D] float32 (numpy) over the dataset's batches, each image decoded once.
 
     Workers decode chunks of at most CHUNK images, so the first batch is ready after CHUNK decodes per
-    worker rather than `batch_size`; the models see batches of `batch_size` rows all the same.
+    worker rather than `batch_size`; the models see batches of `batch_size` rows all the same. On CUDA
+    model i sees each batch in pieces of exactly rows[i] rows (prediction_rows: the shape its run predicted
+    with during training), a ragged piece padded: the same kernels as kit's own predictions, no new plans.
     """
     if not len(dataset):
         raise KitError("no images to predict")
@@ -179,15 +189,18 @@ def stream(models: list[Callable], dataset, batch_size: int, workers: int, devic
     start = 0
     for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device):
         stop = start + len(images)
-        if images.is_cuda:  # the last, ragged batch gets the others' shape: no new cuDNN plans
-            images = pad_rows(images, batch_size)
         for i, model in enumerate(models):
-            y = model(images)[: stop - start]
+            y = _in_pieces(model, images, rows[i]) if rows and images.is_cuda else model(images)
             if outs[i] is None:  # shapes are known on the host: no device round trip per batch
                 outs[i] = torch.empty((len(dataset), y.shape[1]), dtype=torch.float32, device=device)
             outs[i][start:stop] = y
         start = stop
     return [out.cpu().numpy() for out in outs]  # one copy per model, once the stream is done
+
+
+def _in_pieces(model: Callable, images: torch.Tensor, rows: int) -> torch.Tensor:
+    """model's outputs for a batch fed `rows` rows at a time, the last piece padded to `rows`."""
+    return torch.cat([model(pad_rows(piece, rows))[: len(piece)] for piece in images.split(rows)])
 
 
 def _desc(jobs: list[Job], size: int, part: str) -> str:
@@ -221,7 +234,9 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
             models = build(group, ctx.device)
             # TF32 as these runs trained (kit.train.runtime.set_tf32): on unless every one was deterministic
             set_tf32(not all(job.node["spec"].get("deterministic", False) for job in group))
-            outs = stream(models, dataset, batch, ctx.workers, ctx.device, _desc(group, size, part))
+            # each member's own batch shape, unless --batch-size names one for all
+            rows = None if ctx.batch_size else [prediction_rows(job.node["spec"], ctx.device) for job in group]
+            outs = stream(models, dataset, batch, ctx.workers, ctx.device, _desc(group, size, part), rows)
             del models
             for job, out in zip(group, outs, strict=True):
                 if job.fold is None:

@@ -52,6 +52,7 @@ def timm_spec(config: dict) -> dict:
         "precision": config.get("precision", "auto"),
         "channels_last": bool(config.get("channels_last", True)),
         "batch_size": int(config.get("predict_batch_size") or 2 * config["batch_size"]),
+        "cuda_batch_size": int(config.get("predict_batch_size") or config["batch_size"]),  # prediction_rows
         "deterministic": bool(config.get("deterministic", False)),  # TF32 as in training (runtime.set_tf32)
     }
 
@@ -86,22 +87,20 @@ def raise_bad_image(extra) -> None:
 
 # On CUDA cuDNN builds an execution plan per convolution and input shape: about 40 ms each for ordinary
 # convolutions, and for bf16 channels_last depthwise ones (cuDNN 9.19 compiles their kernels at run time)
-# 3 s per new batch size for lite0's forward on an H200 (bench/first_step.py). So every prediction batch on
-# CUDA has one shape, `prediction_rows`, a ragged one padded with blank rows (their outputs dropped): kit's
-# own predictions during training and kit predict's / the bundle's then run the same kernels, and plan once.
+# 2-3 s per new batch size for lite0's forward on an H200 (bench/first_step.py, py-spy of kit train). So a
+# prediction batch on CUDA has the training batch's shape (`prediction_rows`), a ragged one padded with blank
+# rows (their outputs dropped): the training process predicts with the plans its steps built, and kit's
+# predictions during training, kit predict's and the bundle's run the same kernels. Callers that know no
+# batch pad to a multiple of PAD_ROWS.
 PAD_ROWS = 128
-# At least this many pixels a prediction batch on a GPU (512 images at 224 px, 174 at 384): small models at
-# their training batch would wait on kernel launches, and the activations stay near those of 512 x 224 px.
-CUDA_BATCH_PIXELS = 512 * 224 * 224
 
 
-def prediction_rows(batch_size: int, img_size: int, device: torch.device) -> int:
-    """The rows of every prediction batch of `img_size` images: `batch_size` on the CPU; on CUDA at least
-    CUDA_BATCH_PIXELS worth, rounded up to a multiple of PAD_ROWS."""
-    if device.type != "cuda":
-        return batch_size
-    rows = max(batch_size, CUDA_BATCH_PIXELS // (img_size * img_size))
-    return -(-rows // PAD_ROWS) * PAD_ROWS
+def prediction_rows(spec: dict, device: torch.device) -> int:
+    """The rows of a timm member's prediction batches: on CUDA its training batch (or predict_batch_size),
+    on the CPU twice that (its `batch_size`: DataLoader workers decode a batch at a time)."""
+    if device.type == "cuda":
+        return int(spec.get("cuda_batch_size") or spec["batch_size"])
+    return int(spec["batch_size"])
 
 
 def pad_rows(images: torch.Tensor, rows: int) -> torch.Tensor:
@@ -226,7 +225,7 @@ class TimmFold:
     @property
     def batch_size(self) -> int:
         """Its prediction batch: the spec's, on CUDA as every kit prediction shapes it (prediction_rows)."""
-        return prediction_rows(self.spec["batch_size"], self.spec["img_size"], self.device)
+        return prediction_rows(self.spec, self.device)
 
     def logp(self, images: torch.Tensor) -> torch.Tensor:
         """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there."""

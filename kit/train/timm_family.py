@@ -109,9 +109,10 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
 
 
 def _predict_batch(cfg: TrainConfig, device: torch.device) -> int:
-    """Prediction holds no gradients: twice the training batch, on CUDA the shape kit predict and the bundle
-    give the same images (kit.infer.timm_predict.prediction_rows), so both run the same kernels."""
-    return cfg.predict_batch_size or prediction_rows(2 * cfg.batch_size, cfg.img_size, device)
+    """The validation and prediction batch: on CUDA the training batch, whose cuDNN plans the steps built
+    (and the shape kit predict and the bundle give the same images), on the CPU twice it
+    (kit.infer.timm_predict.prediction_rows)."""
+    return prediction_rows(timm_spec(to_dict(cfg)), device)
 
 
 def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Callable[[list[str]], np.ndarray]:
