@@ -110,7 +110,7 @@ class TrainConfig:
     # views of TTA_VIEWS averaged at prediction; [auto]: the views that lower the OOF log loss, chosen
     # cross-fitted at the end of the run (kit.train.tta_choice) among all eight, or among those listed after it
     tta: list[str] = field(default_factory=lambda: ["auto"])
-    predict_batch_size: int = 0  # 0: 2 x batch_size
+    predict_batch_size: int = 0  # 0: batch_size on CUDA (its cuDNN plans), 2 x batch_size on the CPU
     vlm: VLMConfig = field(default_factory=VLMConfig)
 
 
