@@ -51,3 +51,38 @@ def test_every_cuda_prediction_batch_has_the_training_shape():
     padded = pad_rows(images, 32)
     assert padded.shape == (32, 3, 4, 4) and torch.equal(padded[:13], images) and not padded[13:].any()
     assert pad_rows(images, 8) is images  # a full batch is left alone
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_kit_and_the_bundle_feed_a_member_the_same_batch_shape(tmp_path):
+    """The training process's predictions (predict_logp over its batches) and the bundle's stream (pieces of
+    the member's prediction batch through TimmFold.logp) call the model with one shape: the same kernels."""
+    import timm
+    from safetensors.torch import save_file
+
+    from kit.infer.streams import _in_pieces
+    from kit.infer.timm_predict import TimmFold, predict_logp, timm_spec
+
+    config = {"model": "resnet10t", "num_classes": 3, "img_size": 64, "mean": [0.5] * 3, "std": [0.5] * 3}
+    spec = timm_spec({**config, "tta": ["none"], "batch_size": 48})
+    save_file(timm.create_model("resnet10t", num_classes=3).state_dict(), str(tmp_path / "w.safetensors"))
+    fold = TimmFold(spec, tmp_path / "w.safetensors", torch.device("cuda"))
+    shapes = []
+    fold.model.register_forward_pre_hook(lambda _m, args: shapes.append(len(args[0])))
+    images = torch.randint(0, 256, (100, 3, 64, 64), dtype=torch.uint8, device="cuda")
+
+    class Batches(list):
+        batch_size = 48
+
+    kit_logp = predict_logp(
+        fold.model,
+        Batches([(b, None) for b in images.split(48)]),
+        fold.device,
+        fold.normalize,
+        ["none"],
+        spec["precision"],
+    )
+    bundle_logp = _in_pieces(fold.logp, images, fold.batch_size)
+    assert shapes == [48] * 6  # 48 + 48 + 4 rows, twice, the last piece padded to 48 each time
+    torch.testing.assert_close(bundle_logp.cpu().numpy(), kit_logp, atol=0, rtol=0)

@@ -119,7 +119,7 @@ def fold_groups(jobs: list[Job], budget: int) -> list[list[Job]]:
     return groups
 
 
-def stream_batch(jobs: list[Job], size: int, device: torch.device, requested: int | None) -> int:
+def stream_batch(jobs: list[Job], device: torch.device, requested: int | None) -> int:
     """--batch-size when given, else the largest prediction batch of the members as kit's own predictions
     ran it (kit.infer.timm_predict.prediction_rows: a batch's size changes outputs only by float rounding)."""
     if requested:
@@ -229,7 +229,7 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
             )
         for g, group in enumerate(groups):
             dataset = ctx.images(paths, size) if ctx.images is not None else ImageFiles(paths, size)
-            batch = stream_batch(group, size, ctx.device, ctx.batch_size)
+            batch = stream_batch(group, ctx.device, ctx.batch_size)
             part = f" (part {g + 1}/{len(groups)})" if len(groups) > 1 else ""
             models = build(group, ctx.device)
             # TF32 as these runs trained (kit.train.runtime.set_tf32): on unless every one was deterministic

@@ -228,8 +228,10 @@ class TimmFold:
         return prediction_rows(self.spec, self.device)
 
     def logp(self, images: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there."""
-        return tta_logp(self.model, images, self.normalize, self.spec["tta"], self.spec["precision"])
+        """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there (on CUDA a
+        batch of fewer rows than its prediction batch is padded to it, as kit's own predictions were)."""
+        spec = self.spec
+        return tta_logp(self.model, images, self.normalize, spec["tta"], spec["precision"], self.batch_size)
 
     def __call__(
         self,
