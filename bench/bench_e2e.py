@@ -196,7 +196,8 @@ def run_kit(root: Path, args: list[str]) -> dict:
         raise SystemExit(f"kit train failed ({done.returncode}):\n{done.stderr[-3000:]}")
     name = next(a.split("=", 1)[1] for a in args if a.startswith("name="))
     run = root / "runs" / name
-    rows = pd.concat([pd.read_csv(f) for f in sorted(run.glob("fold*/history.csv"))])
+    histories = [pd.read_csv(f) for f in sorted(run.glob("fold*/history.csv"))]
+    rows = pd.concat(histories)
     first, last = rows["started_at"].min(), (rows["started_at"] + rows["seconds"]).max()
     in_epochs = _covered(list(zip(rows["started_at"], rows["started_at"] + rows["seconds"], strict=True)))
     images = float((rows["images_per_s"] * rows["seconds"]).sum())
@@ -212,11 +213,28 @@ def run_kit(root: Path, args: list[str]) -> dict:
         "folds_side_by_side": len(list((run / "logs").glob("*.log"))) if (run / "logs").is_dir() else 1,
         "tail_s": round(started + wall - last, 2),  # the last fold's predictions, assembly, exit
         "data_wait": round(float((rows["data_wait"] * rows["seconds"]).sum() / rows["seconds"].sum()), 4),
+        **_gaps(histories),
         "images_per_s": round(images / float(rows["seconds"].sum()), 1),  # one fold process's epochs
         "run_images_per_s": round(images / in_epochs, 1),  # every process's images over the time covered
         "cv": scores.get("cv") or {"fold_log_loss": [d["log_loss"] for d in done_json]},
         "last_line": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
         "kit_lines": [line for line in done.stderr.splitlines() if line.startswith("kit: ")][-5:],
+    }
+
+
+def _gaps(histories: list[pd.DataFrame]) -> dict:
+    """What the window holds besides epochs, from the folds' history.csv (one fold after another): the mean
+    gap between two epochs of a fold (validation, checkpoint, logging) and each hand-off between folds."""
+    between, handoffs = [], []
+    for i, h in enumerate(histories):
+        ends = (h["started_at"] + h["seconds"]).to_numpy()
+        between += list(h["started_at"].to_numpy()[1:] - ends[:-1])
+        if i:
+            last = histories[i - 1]
+            handoffs.append(float(h["started_at"].iloc[0] - (last["started_at"] + last["seconds"]).iloc[-1]))
+    return {
+        "between_epochs_ms": round(1e3 * float(np.mean(between)), 1) if between else None,
+        "fold_handoffs_s": [round(x, 2) for x in handoffs],
     }
 
 
