@@ -26,7 +26,8 @@ def _first_forward_by_kind(model, x) -> dict:
 
     def kind(module) -> str:
         if isinstance(module, torch.nn.Conv2d):
-            shape = "dw" if module.groups > 1 else f"{module.kernel_size[0]}x{module.kernel_size[1]}"
+            depthwise = 1 < module.groups == module.in_channels
+            shape = "dw" if depthwise else f"{module.kernel_size[0]}x{module.kernel_size[1]}"
             return f"conv{shape}"
         return type(module).__name__
 
@@ -105,6 +106,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default"])
+    # the breakdown's forward plans the forward's shapes first: first_step_s then holds the backward's planning
     p.add_argument("--breakdown", action="store_true", help="time the first forward of each module kind")
     p.add_argument("--child", action="store_true")
     args = p.parse_args()

@@ -90,7 +90,8 @@ def forward_rate(model, normalize, spec: dict, device: torch.device) -> tuple[fl
     from kit.train.runtime import autocast
 
     size = spec["img_size"]
-    # the stream's batch on a GPU (kit.infer.streams.stream_batch); on the CPU the rate hardly depends on it
+    # on a GPU the pieces the stream feeds this member (kit.infer.streams._in_pieces); on the CPU the rate
+    # hardly depends on the batch
     batch = prediction_rows(spec, device) if device.type == "cuda" else min(spec["batch_size"], 8)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
     times = []
