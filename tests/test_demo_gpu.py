@@ -58,14 +58,16 @@ def test_gpu_quick_mode_keeps_every_member_shrunk():
 
 
 def test_cpu_recipe_fits_its_ten_minutes():
-    # no flips probe in the CPU demo (Lite0's would cost 88 s) and no TTA views; two Lite0 epochs, no MobileNetV3
+    # no flips probe in the CPU demo (Lite0's would cost 88 s) and no TTA views; five Lite0 epochs fed by the
+    # batched pipeline (no loader workers competing with the step for two cores), no MobileNetV3
     from kit.config import load_config
 
     tiny = Path("t")
     cfgs = {m.name: load_config(m.preset, m.overrides) for m in cpu_members(False, tiny) if m.name != "tiny_vlm"}
     assert set(cfgs) == {"effnet_lite0", "probe_lite0"}
     lite0 = cfgs["effnet_lite0"]
-    assert (lite0.img_size, lite0.epochs, lite0.freeze_groups, lite0.lr, lite0.warmup_epochs) == (112, 2, 6, 0.002, 0.1)
+    assert (lite0.img_size, lite0.epochs, lite0.freeze_groups, lite0.lr, lite0.warmup_epochs) == (112, 5, 6, 0.002, 0.1)
+    assert lite0.pipeline == "device"
     assert (lite0.hflip, lite0.vflip, lite0.rot90, lite0.tta) == (0.5, 0.5, 0.0, ["none"])
     assert cfgs["probe_lite0"].img_size == 112
     tiny = Path("t")

@@ -62,16 +62,19 @@ def _tiny_vlm(tiny_vlm: Path) -> Member:
 
 
 def cpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
-    # Sized for 10 minutes on 2 CPU cores (session 5, measured; bench/RESULTS.md): Lite0 fine-tunes its last
-    # two stages and head only (the frozen stem and early stages get no backward pass) for two epochs at
-    # 112 px, ~68 s a fold; the second epoch took its CV from 0.820 to 0.755 and the ensemble's from 0.755 to
-    # 0.736 (freezing one stage more: same fold-0 loss, 11 s a fold less; 104 px: no faster, worse). No TTA
-    # views (they multiply predictions, in the bundle too): `tta: [auto, hflip]` (session 6) took Lite0's CV
-    # from 0.7409 to 0.7342 and the ensemble's from 0.7282 to 0.7241, but the demo to 612 s (the views of
-    # 945 rows a fold and the bundle's second pass). Lite0's preset fixes the flips, the demo its
-    # quarter turns (a flips probe of its own cost 88 s). The MobileNetV3 trained from scratch that used to be
-    # a fourth member is gone: 119 s for no ensemble gain (0.7354 with it, 0.7362 without).
-    size, epochs = ("32", 1) if quick else ("112", 2)
+    # Sized for 10 minutes on 2 CPU cores (measured; bench/RESULTS.md, sessions 5 and 9): Lite0 fine-tunes its
+    # last two stages and head only (the frozen stem and early stages get no backward pass) at 112 px for five
+    # epochs, ~52 s a fold. Five became affordable in session 9, when CPU runs stopped page-faulting their
+    # largest activations (runtime.keep_freed_memory) and the batched pipeline replaced loader workers that
+    # competed with the step for the two cores (fold 0, two epochs: 38.0 -> 29.2 s). Fold 0's loss for 2, 3,
+    # 4, 5 epochs: 0.764, 0.784, 0.758, 0.726; the five folds' CV 0.710 (fold 0 the second worst: the choice
+    # did not flatter it), the ensemble's 0.704 (0.728 with two epochs). Freezing one stage more: same fold-0
+    # loss as 5 stages, 11 s a fold less; 104 px: no faster, worse. No TTA views (they multiply predictions,
+    # in the bundle too): `tta: [auto, hflip]` (session 6, two epochs) took the ensemble from 0.7282 to
+    # 0.7241 for 33 s. Lite0's preset fixes the flips, the demo its quarter turns (a flips probe of its own
+    # cost 88 s). The MobileNetV3 trained from scratch that used to be a fourth member is gone: 119 s for no
+    # ensemble gain (0.7354 with it, 0.7362 without).
+    size, epochs = ("32", 1) if quick else ("112", 5)
     return [
         Member(
             "effnet_lite0",
@@ -85,6 +88,7 @@ def cpu_members(quick: bool, tiny_vlm: Path) -> list[Member]:
                 "freeze_groups=6",
                 "rot90=0",
                 "tta=[none]",
+                "pipeline=device",
             ],
         ),
         Member(
