@@ -157,7 +157,7 @@ def main() -> None:
     total = size_mb(args.out)
     print(" | ".join(f"{name} {mb:.1f} MiB" for name, mb in parts.items()) + f" | total {total:.1f} MiB")
     if total > LIMIT_MB:
-        sys.exit(f"gpu_carry: {args.out} is {total:.1f} MiB, over the {LIMIT_MB:.0f} MiB a call carries: drop some --lites")
+        sys.exit(f"gpu_carry: {args.out} is {total:.1f} MiB, over the {LIMIT_MB:.0f} MiB a call carries: fewer --lites")
 
 
 if __name__ == "__main__":
