@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One device call, from a checkout whose `.gpu-demo/` was built by `python bench/gpu_carry.py` and carried:
+#
+#   bash bench/gpu_session.sh tests check e2e-kit     # the GPU tests, the GPU check, kit's e2e side (~8 min)
+#   bash bench/gpu_session.sh e2e                     # bench_e2e case (a), kit against the hand loop (~4 min)
+#   bash bench/gpu_session.sh demo                    # kit demo --recipe gpu (~8 min)
+#
+# Steps run in the order given; each writes what it printed to $OUT/<step>.txt (the device tool returns
+# $OUT) as it goes, so a call cut short by its limit still returns what finished. GPU_CHECK_LIMIT (photos
+# for the GPU check, default 1200) shortens it.
+set -uo pipefail
+source "$(dirname "$0")/../.gpu-demo/env.sh"
+OUT=${OUT:-/tmp/gpu-session}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$OUT/device.txt" 2>&1
+python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" >> "$OUT/device.txt"
+
+# the files holding GPU tests (the other test modules import packages the GPU machine lacks: bitsandbytes, ...)
+GPU_TESTS=(tests/test_tta_views.py tests/test_probe_logreg.py tests/test_host_copies.py tests/test_cuda_graph.py)
+
+for step in "$@"; do
+    start=$(date +%s)
+    case "$step" in
+        tests) python -m pytest -q -p no:cacheprovider -m gpu "${GPU_TESTS[@]}" ;;
+        check) python bench/gpu_check.py --work /tmp/gc --limit "${GPU_CHECK_LIMIT:-1200}" ;;
+        e2e) python bench/bench_e2e.py --case elpv --work /tmp/e2e --out "$OUT/e2e.json" ;;
+        e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" ;;
+        demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
+        *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo)"; exit 2 ;;
+    esac > "$OUT/$step.txt" 2>&1
+    echo "$step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
+    tail -3 "$OUT/$step.txt"
+done
