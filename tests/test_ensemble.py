@@ -140,3 +140,21 @@ def test_a_fusion_model_pushed_to_an_extreme_beta_stays_finite(method: str):
         logp = model(member_logp(z, torch.ones(3)), row_features(z))
     assert not torch.isnan(logp).any()
     np.testing.assert_allclose(logp.exp().sum(1).numpy(), 1.0, atol=1e-5)
+
+
+def test_the_report_reads_each_weight_at_its_members_blend_temperature():
+    # a weight means little without its temperature: at T=20 a member is nearly uniform (the CPU demo's probe)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from kit.ensemble.report import _weights
+
+    fig, ax = plt.subplots()
+    _weights(ax, ["lite0", "probe"], [0.3, 0.7], "weights", [2.53, 20.0])
+    assert [t.get_text() for t in ax.texts] == [" 0.30 at T=2.53", " 0.70 at T=20"]
+    assert "blend temperature" in ax.get_title()
+    _weights(ax2 := fig.add_subplot(), ["a", "b"], [0.5, 0.5], "stack", None)  # no temperatures: bars alone
+    assert len(ax2.texts) == 0 and ax2.get_title() == "member weights (stack)"
+    plt.close(fig)

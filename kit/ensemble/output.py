@@ -95,5 +95,6 @@ def write_ensemble(summary, best: CrossFit, results, members: Members, curves: d
         save_predictions(out / "oof.npz", Predictions(members.train_ids, best.oof, members.fold))
         save_predictions(out / "test.npz", Predictions(members.test_ids, best.test))
         curves = {**curves, f"ensemble {best.method} (cross-fitted)": reliability(members.labels, best.oof)}
-        write_report(out / "report.png", summary, curves, best.recipe.get("member_weights", []))
+        weights = best.recipe.get("member_weights", [])
+        write_report(out / "report.png", summary, curves, weights, best.recipe.get("temperatures"))
         write_json(out / "recipe.json", build_recipe(summary, best, results, members, settings))

@@ -34,12 +34,19 @@ def format_table(summary) -> str:
     return "\n".join(lines)
 
 
-def _weights(ax, names: list[str], weights: list[float], method: str) -> None:
+def _weights(ax, names: list[str], weights: list[float], method: str, temperatures: list[float] | None) -> None:
     y = np.arange(len(names))
     ax.barh(y, weights, color="tab:blue")
     ax.set_yticks(y, [n[:24] for n in names], fontsize=7)
     ax.invert_yaxis()
     ax.set_title(f"member weights ({method})", fontsize=9)
+    if temperatures is not None and len(temperatures) == len(weights):
+        # a weight is read at its member's blend temperature: at a large T a member is nearly uniform, so a
+        # large weight there smooths the blend more than it brings that member's ranking (the demo's probe)
+        for row, (w, t) in enumerate(zip(weights, temperatures, strict=True)):
+            ax.text(w, row, f" {w:.2f} at T={t:.3g}", va="center", fontsize=7)
+        ax.set_xlim(0, max(weights, default=1.0) * 1.3)  # room for the labels
+        ax.set_title(f"member weights ({method}), each at its blend temperature T", fontsize=9)
 
 
 def _scores(ax, summary) -> None:
@@ -79,14 +86,16 @@ def _methods(ax, summary) -> None:
     ax.legend(fontsize=7)
 
 
-def write_report(path: Path, summary, curves: dict[str, Reliability], weights: list[float]) -> None:
+def write_report(
+    path: Path, summary, curves: dict[str, Reliability], weights: list[float], temperatures: list[float] | None = None
+) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    _weights(axes[0, 0], [m.name for m in summary.members], weights, summary.method)
+    _weights(axes[0, 0], [m.name for m in summary.members], weights, summary.method, temperatures)
     _scores(axes[0, 1], summary)
     _reliability(axes[1, 0], curves)
     _methods(axes[1, 1], summary)
