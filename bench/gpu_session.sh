@@ -9,6 +9,9 @@
 # $OUT) as it goes, so a call cut short by its limit still returns what finished. GPU_CHECK_LIMIT (photos
 # for the GPU check, default 1200) shortens it.
 set -uo pipefail
+for step in "$@"; do  # every step named right before any runs
+    case "$step" in tests|check|e2e|e2e-kit|demo) ;; *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo)"; exit 2 ;; esac
+done
 source "$(dirname "$0")/../.gpu-demo/env.sh"
 OUT=${OUT:-/tmp/gpu-session}
 mkdir -p "$OUT"
@@ -26,7 +29,6 @@ for step in "$@"; do
         e2e) python bench/bench_e2e.py --case elpv --work /tmp/e2e --out "$OUT/e2e.json" ;;
         e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" ;;
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
-        *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo)"; exit 2 ;;
     esac > "$OUT/$step.txt" 2>&1
     echo "$step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
     tail -3 "$OUT/$step.txt"
