@@ -18,13 +18,8 @@ import subprocess
 import sys
 import time
 
-# (model, img_size, batch, trained prefix or None): bench_channels_last.py's cases, the CPU demo's included
-CASES = [
-    ("efficientnet_lite0", 112, 32, ("blocks.5", "blocks.6", "conv_head", "bn2", "classifier")),
-    ("efficientnet_lite0", 112, 32, None),
-    ("mobilenetv3_small_050", 64, 64, None),
-    ("resnet10t", 64, 32, None),
-]
+from bench_channels_last import CASES  # (model, img_size, batch, trained prefix or None): the CPU demo's included
+
 VARIANTS = ("glibc default", "kit keeps freed memory")
 
 

@@ -9,7 +9,7 @@ import torch
 from kit.train.runtime import keep_freed_memory, resolve_device
 
 
-class Mallinfo2(ctypes.Structure):
+class Mallinfo2(ctypes.Structure):  # glibc's struct mallinfo2, field by field
     _fields_ = [
         (name, ctypes.c_size_t)
         for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks")
