@@ -5,13 +5,20 @@ split (not read here). All variants share one process (so one start-up) and the 
 the output is one variant, and the JSON is rewritten after each, so a run cut short keeps what it measured.
 
     python bench/demo_sweep.py --root /tmp/sweep --budget 450 --out /tmp/sweep.json [--only l0_e30 ...]
+    python bench/demo_sweep.py --parallel 3 ...   # three variants at a time, each its own process on the GPU
+
+A Lite run at batch 64 leaves an H200 idle much of the time (start-up, validation, TTA choice, predictions
+are launch-bound), so `--parallel N` trains N variants side by side, one process each (one fold at a time
+within it); the line of each comes as it ends.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 # hflip/vflip/rot90 as the flips probe decided for all three Lite models on these photos (GPU demo, session
@@ -42,7 +49,34 @@ VARIANTS = {
     "l0_e30_ema": lite(0, 300, 30, "ema_decay=0.995"),
     "l1_e20": lite(1, 300, 20),
     "l0_e30_lr2": lite(0, 300, 30, "lr=0.002"),
+    # session 10: regularisers and optimiser settings around Lite0 at 300 px, 10 epochs (the demo's Lite0)
+    "l0_e10_ls0": lite(0, 300, 10, "label_smoothing=0"),
+    "l0_e20_mix": lite(0, 300, 20, "mixup=0.2"),
+    "l0_e20_ema": lite(0, 300, 20, "ema_decay=0.99"),
+    "l0_e10_lr05": lite(0, 300, 10, "lr=0.0005"),
+    "l0_e10_lr2": lite(0, 300, 10, "lr=0.002"),
+    "l0_e10_dp": lite(0, 300, 10, "drop_rate=0.2", "drop_path_rate=0.1"),
+    "l0_e10_aug": lite(0, 300, 10, "rrc_scale=[0.35,1.0]", "color_jitter=0.5"),
+    "l0_e10_b32": lite(0, 300, 10, "batch_size=32"),
+    "l1_e30_mix": lite(1, 300, 30, "mixup=0.2"),
 }
+
+
+def train_variant(root: Path, name: str, overrides: list[str]) -> dict:
+    """One variant's 5-fold run; what the sweep records of it."""
+    from kit.config import load_config
+    from kit.train.driver import train_run
+
+    tick = time.time()
+    summary = train_run(load_config("efficientnet_lite0", [*overrides, f"name={name}"]), root)
+    tta = summary.tta or {}
+    return {
+        "overrides": overrides,
+        "cv": summary.cv,
+        "cv_no_tta": tta.get("cv_none"),
+        "tta": tta.get("views"),
+        "seconds": round(time.time() - tick, 1),
+    }
 
 
 def main() -> None:
@@ -51,35 +85,51 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=450, help="seconds; no variant starts after them")
     parser.add_argument("--out", type=Path, default=Path("demo_sweep.json"))
     parser.add_argument("--only", nargs="*", choices=sorted(VARIANTS), help="these variants, in this order")
+    parser.add_argument("--parallel", type=int, default=1, help="variants trained side by side, a process each")
     args = parser.parse_args()
 
-    from kit.config import load_config
     from kit.demo.elpv import materialise_elpv
     from kit.folds import make_folds
-    from kit.train.driver import train_run
 
     start = time.time()
     root = args.root.resolve()
     data = materialise_elpv(root)
     make_folds(data.data_dir, root, k=5, seed=42)
     results = {}
-    for name in args.only or list(VARIANTS):
-        if time.time() - start > args.budget:
-            print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
-            continue
-        tick = time.time()
-        cfg = load_config("efficientnet_lite0", [*VARIANTS[name], f"name={name}"])
-        summary = train_run(cfg, root)
-        tta = summary.tta or {}
-        results[name] = {
-            "overrides": VARIANTS[name],
-            "cv": summary.cv,
-            "cv_no_tta": tta.get("cv_none"),
-            "tta": tta.get("views"),
-            "seconds": round(time.time() - tick, 1),
-        }
-        print(f"{name}: {json.dumps(results[name], default=str)}", flush=True)
+
+    def record(name: str, result: dict) -> None:
+        results[name] = result
+        print(f"{name}: {json.dumps(result, default=str)}", flush=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
+
+    queue = list(args.only or VARIANTS)
+    if args.parallel <= 1:
+        for name in queue:
+            if time.time() - start > args.budget:
+                print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
+                continue
+            record(name, train_variant(root, name, VARIANTS[name]))
+        return
+    # spawned, not forked: each child initialises CUDA itself; one fold at a time within each
+    with ProcessPoolExecutor(args.parallel, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while queue or running:
+            while queue and len(running) < args.parallel:
+                name = queue.pop(0)
+                if time.time() - start > args.budget:
+                    print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
+                    continue
+                overrides = [*VARIANTS[name], "folds_per_gpu=1"]
+                running[pool.submit(train_variant, root, name, overrides)] = name
+            if not running:
+                break
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                try:
+                    record(name, future.result())
+                except Exception as error:  # one variant failing keeps the others' results
+                    print(f"{name}: failed: {error!r}", flush=True)
 
 
 if __name__ == "__main__":
