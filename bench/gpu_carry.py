@@ -1,8 +1,9 @@
 """Build `.gpu-demo/`, the git-ignored folder a device call carries: what the GPU machine lacks, within the
 64 MiB that travels (../shared/ENVIRONMENT.md).
 
-    python bench/gpu_carry.py                    # wheels + the elpv stand-in + Lite0/1/2 weights (62.4 MiB)
-    python bench/gpu_carry.py --lites 0          # Lite0 only (enough for the GPU check; 40 MiB)
+    python bench/gpu_carry.py                    # wheels + the elpv stand-in + Lite0/1/2 weights (57.6 MiB; 59.1 with the tracked tree)
+    python bench/gpu_carry.py --lites 0          # Lite0 only (enough for the GPU check; 35 MiB)
+    python bench/gpu_carry.py --rdb              # + sqlalchemy, alembic, mako: optuna's RDB storage (+4.9 MiB)
 
 Then on the device, carrying ".gpu-demo":
 
@@ -10,6 +11,8 @@ Then on the device, carrying ".gpu-demo":
 
 - `whl/`: albumentations and optuna with their dependencies as cp312 manylinux wheels, pinned to this
   machine's versions; env.sh installs them into /tmp/site (once per machine) and puts it on PYTHONPATH.
+  optuna's RDB storage (sqlalchemy, alembic, mako) only with --rdb: optuna imports them only for it, and
+  with them the three Lite weights did not fit beside the tracked tree (session 10).
 - `site/elpv_dataset/`: a stand-in for elpv-dataset (90.8 MB, too large to travel): the same 2,624 photos
   as WebP quality 90, and `utils.load_dataset()` returning what the real one returns (the photos decoded
   from WebP, so their pixels differ a little from the real PNGs: say so beside any score made from them).
@@ -40,11 +43,9 @@ WHEELS = [
     "simsimd",
     "stringzilla",
     "optuna",
-    "alembic",
-    "sqlalchemy",
-    "mako",
     "colorlog",
 ]
+RDB_WHEELS = ["sqlalchemy", "alembic", "mako"]  # optuna's RDB storage (`kit tune/ensemble --storage`)
 PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64"]
 LIMIT_MIB = 64.0
 # WebP at quality 90: the 2,624 photos in 18.1 MiB, a mean error of 1.05 grey levels against the real PNGs
@@ -90,9 +91,9 @@ class {cls}:
 '''
 
 
-def download_wheels(dest: Path) -> None:
+def download_wheels(dest: Path, names: list[str]) -> None:
     dest.mkdir(parents=True)
-    pins = [f"{name}=={version(name)}" for name in WHEELS]
+    pins = [f"{name}=={version(name)}" for name in names]
     platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
     cmd += ["--python-version", "3.12", "--implementation", "cp", *platforms, "--dest", str(dest), *pins]
@@ -137,15 +138,22 @@ def size_mib(path: Path) -> float:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
 
 
+def tracked_mib() -> float:
+    """The checkout's tracked files: they travel with the carry and count towards the same limit."""
+    listed = subprocess.run(["git", "ls-files", "-z"], check=True, capture_output=True).stdout.decode()
+    return sum(Path(f).stat().st_size for f in listed.split("\0") if f and Path(f).is_file()) / 2**20
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path(".gpu-demo"))
     parser.add_argument("--lites", type=int, nargs="*", default=[0, 1, 2], choices=[0, 1, 2])
     parser.add_argument("--no-elpv", action="store_true", help="leave the photos out (a call that needs none)")
+    parser.add_argument("--rdb", action="store_true", help="optuna's RDB storage too (sqlalchemy, alembic, mako)")
     args = parser.parse_args()
     if args.out.exists():
         shutil.rmtree(args.out)
-    download_wheels(args.out / "whl")
+    download_wheels(args.out / "whl", WHEELS + (RDB_WHEELS if args.rdb else []))
     site = args.out / "site"
     site.mkdir(parents=True)
     if not args.no_elpv:
@@ -154,11 +162,13 @@ def main() -> None:
         lite_stand_in(n, site)
     (args.out / "env.sh").write_text(ENV_SH)
     parts = {p.name: size_mib(p) for p in [args.out / "whl", *sorted(site.iterdir())]}
-    total = size_mib(args.out)
+    parts["tracked tree"] = tracked_mib()
+    total = size_mib(args.out) + parts["tracked tree"]
     print(" | ".join(f"{name} {mb:.1f} MiB" for name, mb in parts.items()) + f" | total {total:.1f} MiB")
     if total > LIMIT_MIB:
         sys.exit(
-            f"gpu_carry: {args.out} is {total:.1f} MiB, over the {LIMIT_MIB:.0f} MiB a call carries: fewer --lites"
+            f"gpu_carry: {args.out} and the tracked tree are {total:.1f} MiB, over the {LIMIT_MIB:.0f} MiB a call "
+            "carries: fewer --lites, or no --rdb"
         )
 
 

@@ -4,7 +4,7 @@
 #   bash bench/gpu_session.sh tests check e2e-kit     # the GPU tests, the GPU check, kit's e2e side (~8 min)
 #   bash bench/gpu_session.sh e2e                     # bench_e2e case (a), kit against the hand loop (~4 min)
 #   bash bench/gpu_session.sh demo                    # kit demo --recipe gpu (~8 min)
-#   SWEEP="l0_e10 l0_e20_mix" bash bench/gpu_session.sh sweep   # bench/demo_sweep.py, 3 variants at a time
+#   SWEEP="l0_e10 l0_e20_mix" bash bench/gpu_session.sh sweep   # bench/demo_sweep.py, 4 variants at a time
 #
 # Steps run in the order given; each writes what it printed to $OUT/<step>.txt (the device tool returns
 # $OUT) as it goes, so a call cut short by its limit still returns what finished. GPU_CHECK_LIMIT (photos
@@ -31,7 +31,7 @@ for step in "$@"; do
         e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" ;;
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
         # shellcheck disable=SC2086  # SWEEP is a list of variant names
-        sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-3}" \
+        sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-4}" \
             --budget "${SWEEP_BUDGET:-330}" --out "$OUT/sweep.json" ${SWEEP:+--only $SWEEP} ;;
     esac > "$OUT/$step.txt" 2>&1
     echo "$step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
