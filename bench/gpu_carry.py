@@ -1,7 +1,7 @@
 """Build `.gpu-demo/`, the git-ignored folder a device call carries: what the GPU machine lacks, within the
 64 MiB that travels (../shared/ENVIRONMENT.md).
 
-    python bench/gpu_carry.py                    # wheels + the elpv stand-in + Lite0/1/2 weights (57.6 MiB; 59.1 with the tracked tree)
+    python bench/gpu_carry.py                    # wheels + the elpv stand-in + Lite0/1/2 weights (57.6 MiB)
     python bench/gpu_carry.py --lites 0          # Lite0 only (enough for the GPU check; 35 MiB)
     python bench/gpu_carry.py --rdb              # + sqlalchemy, alembic, mako: optuna's RDB storage (+4.9 MiB)
 
