@@ -1,8 +1,9 @@
 """Recipe variants for the GPU demo's Lite members, each scored by its 5-fold CV on the demo's elpv photos.
 
 The GPU demo's recipe (kit/demo/recipes.py) is chosen by these CV scores, never by the demo's held-back test
-split (not read here). All variants share one process (so one start-up) and the demo's folds; each line of
-the output is one variant, and the JSON is rewritten after each, so a run cut short keeps what it measured.
+split (not read here). All variants share the demo's folds and, unless --parallel, one process (so one
+start-up); each line of the output is one variant, and the JSON is rewritten after each, so a run cut
+short keeps what it measured.
 
     python bench/demo_sweep.py --root /tmp/sweep --budget 450 --out /tmp/sweep.json [--only l0_e30 ...]
     python bench/demo_sweep.py --parallel 3 ...   # three variants at a time, each its own process on the GPU
@@ -102,12 +103,15 @@ def main() -> None:
         print(f"{name}: {json.dumps(result, default=str)}", flush=True)
         args.out.write_text(json.dumps(results, indent=1, default=str))
 
+    def may_start(name: str) -> bool:
+        if time.time() - start <= args.budget:
+            return True
+        print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
+        return False
+
     queue = list(args.only or VARIANTS)
     if args.parallel <= 1:
-        for name in queue:
-            if time.time() - start > args.budget:
-                print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
-                continue
+        for name in filter(may_start, queue):
             record(name, train_variant(root, name, VARIANTS[name]))
         return
     # spawned, not forked: each child initialises CUDA itself; one fold at a time within each
@@ -116,13 +120,9 @@ def main() -> None:
         while queue or running:
             while queue and len(running) < args.parallel:
                 name = queue.pop(0)
-                if time.time() - start > args.budget:
-                    print(f"{name}: not run (budget of {args.budget:.0f} s spent)", flush=True)
-                    continue
-                overrides = [*VARIANTS[name], "folds_per_gpu=1"]
-                running[pool.submit(train_variant, root, name, overrides)] = name
-            if not running:
-                break
+                if may_start(name):
+                    overrides = [*VARIANTS[name], "folds_per_gpu=1"]
+                    running[pool.submit(train_variant, root, name, overrides)] = name
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 name = running.pop(future)

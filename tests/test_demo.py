@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,6 +32,8 @@ def test_demo_runs_every_stage_and_prints_the_table(demo):
     assert (root / "ensembles" / "demo" / "report.png").is_file()
     assert "submission on the test split" in output
     assert "pipeline check, not a model" in output  # the random tiny VLM is labelled as such
+    # the estimate comes from a separate `kit bundle` process's last line
+    assert re.search(r"its README estimated about [0-9.]+ s on cpu for 32 test images \(start-up", output)
 
 
 def test_demo_submission_is_valid_and_the_bundle_reproduces_it(demo):

@@ -8,6 +8,7 @@ report = run_demo(Path("demo"), recipe="gpu")  # the three Lite models at 300 px
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import sys
 import time
@@ -111,7 +112,6 @@ def run_demo(root: Path, quick: bool = False, log: Callable[[str], None] = print
 def _bundle_parity(report: DemoReport, submission: Path, images: Path) -> None:
     """Bundle the ensemble, run its infer.py as a separate process (timed, against the README's estimate),
     and compare its CSV with kit's."""
-    import re
     import time
 
     root = report.root
@@ -123,7 +123,7 @@ def _bundle_parity(report: DemoReport, submission: Path, images: Path) -> None:
     if result.returncode != 0:
         raise KitError(f"kit bundle demo failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     bundle = root / "submissions" / "demo.bundle"
-    found = re.search(r"; (about .*)$", result.stdout.strip())
+    found = re.search(r"; (about .*)$", result.stdout.strip())  # kit.bundle.command's last line ends in it
     report.infer_estimate = found.group(1) if found else ""
     out = root / "submissions" / "demo.infer.csv"
     command = [
