@@ -23,6 +23,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -184,14 +185,10 @@ PYSPY: list[str] = []
 
 def run_kit(root: Path, args: list[str]) -> dict:
     started = time.time()
-    done = subprocess.run(
-        [*PYSPY, sys.executable, "-m", "kit.cli", "train", *args, "--root", str(root)],
-        env=_env(),
-        capture_output=True,
-        text=True,
-    )
+    done = _timed_run([*PYSPY, sys.executable, "-m", "kit.cli", "train", *args, "--root", str(root)], started)
     wall = time.time() - started
-    (root / "kit_stderr.txt").write_text(done.stderr)  # its kit: lines say where the start-up went
+    # its kit: lines, each after the seconds since the process started, say where the start-up went
+    (root / "kit_stderr.txt").write_text(done.stderr)
     if done.returncode:
         raise SystemExit(f"kit train failed ({done.returncode}):\n{done.stderr[-3000:]}")
     name = next(a.split("=", 1)[1] for a in args if a.startswith("name="))
@@ -218,8 +215,25 @@ def run_kit(root: Path, args: list[str]) -> dict:
         "run_images_per_s": round(images / in_epochs, 1),  # every process's images over the time covered
         "cv": scores.get("cv") or {"fold_log_loss": [d["log_loss"] for d in done_json]},
         "last_line": done.stdout.strip().splitlines()[-1] if done.stdout.strip() else "",
-        "kit_lines": [line for line in done.stderr.splitlines() if line.startswith("kit: ")][-5:],
+        "kit_lines": [line for line in done.stderr.splitlines() if "] kit: " in line][-8:],
     }
+
+
+def _timed_run(command: list[str], started: float) -> subprocess.CompletedProcess:
+    """Run a command; its stderr lines come back each prefixed with [seconds since `started`]."""
+    proc = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def stamp() -> None:
+        for line in proc.stderr:
+            lines.append(f"[{time.time() - started:6.2f}] {line}")
+
+    reader = threading.Thread(target=stamp)
+    reader.start()
+    stdout = proc.stdout.read()
+    proc.wait()
+    reader.join()
+    return subprocess.CompletedProcess(command, proc.returncode, stdout, "".join(lines))
 
 
 def _gaps(histories: list[pd.DataFrame]) -> dict:

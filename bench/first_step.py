@@ -15,7 +15,8 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("default", "nchw", "no_cudnn", "fp32")
+# thread_warm: one step on another thread first; warmup / warmup1: kit.infer.cudnn_warmup on 16 / 1 threads
+VARIANTS = ("default", "nchw", "no_cudnn", "fp32", "nchw_fp32", "thread_warm", "warmup", "warmup1")
 
 
 def _first_forward_by_kind(model, x) -> dict:
@@ -55,7 +56,7 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
     import torch.nn.functional as F
 
     torch.backends.cudnn.enabled = variant != "no_cudnn"
-    layout = torch.contiguous_format if variant == "nchw" else torch.channels_last
+    layout = torch.contiguous_format if variant.startswith("nchw") else torch.channels_last
     t0 = time.perf_counter()
     model = timm.create_model(model_name, num_classes=4).cuda().to(memory_format=layout)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
@@ -63,8 +64,35 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
     y = torch.randint(0, 4, (batch,), device="cuda")
     built = time.perf_counter() - t0
 
-    def precision():
-        return contextlib.nullcontext() if variant == "fp32" else torch.autocast("cuda", dtype=torch.bfloat16)
+    fp32 = variant in ("fp32", "nchw_fp32")
+
+    def precision(cache: bool = True):
+        return contextlib.nullcontext() if fp32 else torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
+
+    def step():
+        with precision():
+            loss = F.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+
+    warm_s = None
+    if variant == "thread_warm":  # does another thread's first step (its cuDNN plans) serve this thread's?
+        import threading
+
+        tick = time.perf_counter()
+        worker = threading.Thread(target=step)
+        worker.start()
+        worker.join()
+        warm_s = round(time.perf_counter() - tick, 2)
+    if variant.startswith("warmup"):
+        from kit.infer import cudnn_warmup
+
+        cudnn_warmup.MAX_THREADS = 1 if variant == "warmup1" else cudnn_warmup.MAX_THREADS
+        tick = time.perf_counter()
+        cudnn_warmup.warm_up(model, tuple(x.shape), x.device, "auto", True, backward=True).wait()
+        warm_s = round(time.perf_counter() - tick, 2)
 
     by_kind = {}
     if breakdown:
@@ -74,12 +102,7 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
     times = []
     for _ in range(12):
         tick = time.perf_counter()
-        with precision():
-            loss = F.cross_entropy(model(x).float(), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        step()
         times.append(time.perf_counter() - tick)
     with torch.no_grad(), precision():
         tick = time.perf_counter()
@@ -88,6 +111,8 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
         first_eval = time.perf_counter() - tick
     return {
         "variant": variant,
+        "warm_s": warm_s,
+        "graphed_step_ms": _graphed_step_ms(model, x, y, precision),
         "cudnn": torch.backends.cudnn.version(),
         "torch": torch.__version__,
         "first_forward_by_kind_s": by_kind,
@@ -97,6 +122,34 @@ def one(model_name: str, batch: int, size: int, variant: str = "default", breakd
         "steady_step_ms": round(1e3 * sorted(times[2:])[len(times[2:]) // 2], 1),
         "first_eval_b512_s": round(first_eval, 2),
     }
+
+
+def _graphed_step_ms(model, x, y, precision) -> float:
+    """GPU time of forward + backward replayed as a CUDA graph (kit's cuda_graphs: the step GPU-bound)."""
+    import torch
+    import torch.nn.functional as F
+
+    model.train()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            with precision():
+                F.cross_entropy(model(x).float(), y).backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    for p in model.parameters():
+        p.grad = None
+    with torch.cuda.graph(graph), precision(cache=False):  # autocast's weight cache cannot live in a graph
+        F.cross_entropy(model(x).float(), y).backward()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    start.record()
+    for _ in range(20):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return round(start.elapsed_time(end) / 20, 2)
 
 
 def main() -> None:

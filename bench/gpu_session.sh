@@ -5,13 +5,15 @@
 #   bash bench/gpu_session.sh e2e                     # bench_e2e case (a), kit against the hand loop (~4 min)
 #   bash bench/gpu_session.sh demo                    # kit demo --recipe gpu (~8 min)
 #   SWEEP="l0_e10 l0_e20_mix" bash bench/gpu_session.sh sweep   # bench/demo_sweep.py, 4 variants at a time
+#   bash bench/gpu_session.sh first-step              # bench/first_step.py's variants (~1 min)
+#   bash bench/gpu_session.sh bundle                  # bench/bench_bundle.py on CUDA: infer.py against kit predict
 #
 # Steps run in the order given; each writes what it printed to $OUT/<step>.txt (the device tool returns
 # $OUT) as it goes, so a call cut short by its limit still returns what finished. GPU_CHECK_LIMIT (photos
 # for the GPU check, default 1200) shortens it.
 set -uo pipefail
 for step in "$@"; do  # every step named right before any runs
-    case "$step" in tests|check|e2e|e2e-kit|demo|sweep) ;; *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo, sweep)"; exit 2 ;; esac
+    case "$step" in tests|check|e2e|e2e-kit|demo|sweep|first-step|bundle) ;; *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo, sweep, first-step, bundle)"; exit 2 ;; esac
 done
 source "$(dirname "$0")/../.gpu-demo/env.sh"
 OUT=${OUT:-/tmp/gpu-session}
@@ -27,8 +29,16 @@ for step in "$@"; do
     case "$step" in
         tests) python -m pytest -q -p no:cacheprovider -m gpu "${GPU_TESTS[@]}" ;;
         check) python bench/gpu_check.py --work /tmp/gc --limit "${GPU_CHECK_LIMIT:-1200}" ;;
-        e2e) python bench/bench_e2e.py --case elpv --work /tmp/e2e --out "$OUT/e2e.json" ;;
-        e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" ;;
+        # kit_stderr.txt: kit's stderr, each line after its seconds since the start (where the start-up went)
+        e2e) python bench/bench_e2e.py --case elpv --work /tmp/e2e --out "$OUT/e2e.json" \
+            && cp /tmp/e2e/kit_stderr.txt "$OUT/e2e.kit_stderr.txt" ;;
+        e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" \
+            && cp /tmp/e2e-kit/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
+        # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
+        bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
+            --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" ;;
+        # a fresh process's first lite0 step under layouts and precisions (cuDNN's run-time compiled kernels)
+        first-step) python bench/first_step.py --procs 1 --variants ${FIRST_STEP:-default thread_warm fp32 nchw nchw_fp32} ;;
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
         # shellcheck disable=SC2086  # SWEEP is a list of variant names
         sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-4}" \

@@ -29,6 +29,7 @@ CORE = [
     "train/runtime.py",
     "infer/__init__.py",
     "infer/cli.py",
+    "infer/cudnn_warmup.py",
     "infer/images.py",
     "infer/manifest.py",
     "infer/predict.py",

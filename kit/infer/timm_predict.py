@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from kit.errors import KitError
+from kit.infer.cudnn_warmup import warm_up
 from kit.infer.images import ImageFiles, image_batches
 from kit.infer.progress import progress
 from kit.train.runtime import autocast
@@ -221,6 +222,9 @@ class TimmFold:
         memory_format = torch.channels_last if channels_last else torch.preserve_format
         self.model = model.eval().to(device, memory_format=memory_format)
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
+        # on CUDA: the forward's cuDNN kernels, on many threads at once (a process's first fold only)
+        size = spec["img_size"]
+        warm_up(self.model, (self.batch_size, 3, size, size), device, spec["precision"], channels_last, False).wait()
 
     @property
     def batch_size(self) -> int:

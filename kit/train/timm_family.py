@@ -10,7 +10,8 @@ import torch
 
 from kit.config import TrainConfig, to_dict
 from kit.folds import Folds, load_folds
-from kit.infer.timm_predict import TimmFold, predict_view_logp, prediction_rows, timm_spec
+from kit.infer.cudnn_warmup import warm_up
+from kit.infer.timm_predict import TimmFold, predict_view_logp, prediction_rows, timm_spec, use_channels_last
 from kit.train import distributed
 from kit.train.dataset import image_cache
 from kit.train.feed import EvalBatches, fold_feed, resident, use_device_pipeline
@@ -53,6 +54,9 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     device under CUDA, DataLoader workers on a CPU) and the labels of its training and validation rows."""
     device = start_fold(cfg, fold)
     model = freeze_groups(build_model(cfg, cfg.num_classes), cfg.freeze_groups)
+    # cuDNN compiles the step's convolution kernels on threads while the images decode (first fold of a process)
+    shape = (cfg.batch_size, 3, cfg.img_size, cfg.img_size)
+    warm = warm_up(model, shape, device, cfg.precision, use_channels_last(cfg.channels_last, device), backward=True)
     table = folds.train
     in_fold = table["fold"].to_numpy() == fold
     rows = {"train": np.flatnonzero(~in_fold), "valid": np.flatnonzero(in_fold)}
@@ -60,7 +64,9 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     paths = table["path"].tolist()
     feed = fold_feed(cfg, device, paths, cached_images(cfg, paths, root), rows, labels)
     steps = max(1, len(rows["train"]) // cfg.batch_size)
-    return FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps), feed, labels
+    trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
+    warm.wait()
+    return trainer, feed, labels
 
 
 def fit_fold(
