@@ -22,18 +22,19 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backends.cudnn.version())" >> "$OUT/device.txt"
 
 # the files holding GPU tests (the other test modules import packages the GPU machine lacks: bitsandbytes, ...)
-GPU_TESTS=(tests/test_tta_views.py tests/test_probe_logreg.py tests/test_host_copies.py tests/test_cuda_graph.py)
+GPU_TESTS=(tests/test_tta_views.py tests/test_probe_logreg.py tests/test_host_copies.py tests/test_cuda_graph.py
+    tests/test_cudnn_warmup.py tests/test_graphed_forward.py)
 
 for step in "$@"; do
     start=$(date +%s)
     case "$step" in
-        tests) python -m pytest -q -p no:cacheprovider -m gpu "${GPU_TESTS[@]}" ;;
+        tests) python -m pytest -q -s -p no:cacheprovider -m gpu "${GPU_TESTS[@]}" ;;
         check) python bench/gpu_check.py --work /tmp/gc --limit "${GPU_CHECK_LIMIT:-1200}" ;;
         # kit_stderr.txt: kit's stderr, each line after its seconds since the start (where the start-up went)
         e2e) python bench/bench_e2e.py --case elpv --work /tmp/e2e --out "$OUT/e2e.json" \
-            && cp /tmp/e2e/kit_stderr.txt "$OUT/e2e.kit_stderr.txt" ;;
+            && cp /tmp/e2e/elpv/kit_stderr.txt "$OUT/e2e.kit_stderr.txt" ;;
         e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" \
-            && cp /tmp/e2e-kit/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
+            && cp /tmp/e2e-kit/elpv/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
         # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
         bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
             --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" ;;

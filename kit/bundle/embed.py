@@ -30,6 +30,7 @@ CORE = [
     "infer/__init__.py",
     "infer/cli.py",
     "infer/cudnn_warmup.py",
+    "infer/graphed_forward.py",
     "infer/images.py",
     "infer/manifest.py",
     "infer/predict.py",

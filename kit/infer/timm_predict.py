@@ -19,9 +19,9 @@ import torch
 
 from kit.errors import KitError
 from kit.infer.cudnn_warmup import warm_up
+from kit.infer.graphed_forward import forward
 from kit.infer.images import ImageFiles, image_batches
 from kit.infer.progress import progress
-from kit.train.runtime import autocast
 
 # The eight symmetries of the square (the dihedral group), each a function of NCHW batches: flips suit
 # left-right symmetric photos, the rotations and diagonal flips rotation-invariant data (cells, tissue).
@@ -55,6 +55,7 @@ def timm_spec(config: dict) -> dict:
         "batch_size": int(config.get("predict_batch_size") or 2 * config["batch_size"]),
         "cuda_batch_size": int(config.get("predict_batch_size") or config["batch_size"]),  # prediction_rows
         "deterministic": bool(config.get("deterministic", False)),  # TF32 as in training (runtime.set_tf32)
+        "cuda_graphs": config.get("cuda_graphs", "auto"),  # prediction forwards too (kit.infer.graphed_forward)
     }
 
 
@@ -119,18 +120,20 @@ def tta_logp(
     tta: list[str],
     precision: str,
     rows: int | None = None,
+    graphs: bool | str = "auto",
 ) -> torch.Tensor:
     """Log-probabilities [B, C] float32 of one uint8 NCHW batch already on the device, the views in `tta`
     averaged in probability space. The one place a timm model turns pixels into predictions. On CUDA a
-    ragged batch is padded to `rows` (the loader's batch), or else to a multiple of PAD_ROWS."""
+    ragged batch is padded to `rows` (the loader's batch), or else to a multiple of PAD_ROWS, and a
+    launch-bound forward is replayed from a CUDA graph (`graphs`: kit.infer.graphed_forward)."""
     n = len(images)
     if images.is_cuda:  # one shape for every batch: cuDNN plans it once
         images = pad_rows(images, rows if rows and rows >= n else -(-n // PAD_ROWS) * PAD_ROWS)
     x = normalize(images)
+    layout = torch.channels_last if normalize.channels_last else torch.contiguous_format
     probs = 0
     for name in tta:
-        with autocast(x.device, precision):
-            logits = model(VIEWS[name](x))
+        logits = forward(model, VIEWS[name](x), precision, layout, graphs)
         probs = probs + torch.softmax(logits.float(), dim=-1)
     return (probs[:n] / len(tta)).clamp_min(1e-15).log()
 
@@ -144,13 +147,15 @@ def predict_logp(
     tta: list[str],
     precision: str,
     desc: str = "predicting",
+    graphs: bool | str = "auto",
 ) -> np.ndarray:
     """Log-probabilities [N, C] of a loader's batches (see tta_logp; ragged ones padded to its batch size)."""
     model.eval()
     out, rows = [], getattr(loader, "batch_size", None)
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
-        out.append(tta_logp(model, images.to(device, non_blocking=True), normalize, tta, precision, rows).cpu())
+        x = images.to(device, non_blocking=True)
+        out.append(tta_logp(model, x, normalize, tta, precision, rows, graphs).cpu())
     return torch.cat(out).numpy().astype(np.float32)
 
 
@@ -163,6 +168,7 @@ def predict_view_logp(
     views: list[str],
     precision: str,
     desc: str = "predicting",
+    graphs: bool | str = "auto",
 ) -> np.ndarray:
     """Each view's own log-probabilities [V, N, C], each batch decoded once: what kit's `tta: auto`
     chooses from (an average of some of them in probability space is what `tta_logp` computes)."""
@@ -171,7 +177,8 @@ def predict_view_logp(
     for images, extra in progress(loader, desc):
         raise_bad_image(extra)
         x = images.to(device, non_blocking=True)
-        out.append(torch.stack([tta_logp(model, x, normalize, [view], precision, rows) for view in views]).cpu())
+        logp = [tta_logp(model, x, normalize, [view], precision, rows, graphs) for view in views]
+        out.append(torch.stack(logp).cpu())
     return torch.cat(out, dim=1).numpy().astype(np.float32)
 
 
@@ -235,7 +242,8 @@ class TimmFold:
         """Log-probabilities [B, C] float32, on the device, of a uint8 NCHW batch already there (on CUDA a
         batch of fewer rows than its prediction batch is padded to it, as kit's own predictions were)."""
         spec = self.spec
-        return tta_logp(self.model, images, self.normalize, spec["tta"], spec["precision"], self.batch_size)
+        graphs = spec.get("cuda_graphs", "auto")
+        return tta_logp(self.model, images, self.normalize, spec["tta"], spec["precision"], self.batch_size, graphs)
 
     def __call__(
         self,
@@ -248,8 +256,9 @@ class TimmFold:
     ) -> np.ndarray:
         dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
         loader = image_batches(dataset, batch_size or self.batch_size, workers, self.device)
-        spec = self.spec
-        return predict_logp(self.model, loader, self.device, self.normalize, spec["tta"], spec["precision"], desc)
+        spec, graphs = self.spec, self.spec.get("cuda_graphs", "auto")
+        tta, precision = spec["tta"], spec["precision"]
+        return predict_logp(self.model, loader, self.device, self.normalize, tta, precision, desc, graphs)
 
     def views(
         self,
@@ -263,4 +272,5 @@ class TimmFold:
         """[V, N, C] float32: the log-probabilities of each of `views` on its own (predict_view_logp)."""
         dataset = ImageFiles(paths, self.spec["img_size"], cache, cache_rows)
         loader = image_batches(dataset, self.batch_size, workers, self.device)
-        return predict_view_logp(self.model, loader, self.device, self.normalize, views, self.spec["precision"], desc)
+        precision, graphs = self.spec["precision"], self.spec.get("cuda_graphs", "auto")
+        return predict_view_logp(self.model, loader, self.device, self.normalize, views, precision, desc, graphs)

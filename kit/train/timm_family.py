@@ -100,7 +100,8 @@ def _train_epochs(cfg, fold, trainer, feed, valid_labels, device, fold_dir, on_e
         stats["compiled"] = trainer.compiled
         stats["cuda_graph"] = trainer.graph_replays
         batches = feed.valid_batches(_predict_batch(cfg, device))
-        logp = predict_logp(trainer.eval_model, batches, device, trainer.normalize, ["none"], cfg.precision)
+        model, normalize = trainer.eval_model, trainer.normalize
+        logp = predict_logp(model, batches, device, normalize, ["none"], cfg.precision, graphs=cfg.cuda_graphs)
         logp = distributed.gather(logp)
         row = {"epoch": epoch, **stats, **evaluate(logp, valid_labels), "lr": trainer.scheduler.get_last_lr()[0]}
         stop = trainer.end_epoch(fold_dir, row, row["valid_loss"])
@@ -135,7 +136,9 @@ def load_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) -> Ca
         desc = f"fold {fold} predicting"
         if cache is not None and use_device_pipeline(cfg, device):  # the images already in device memory
             batches = EvalBatches(resident(cache, device, cfg.gpu_cache_gb), rows, _predict_batch(cfg, device))
-            return predict_logp(model.model, batches, device, model.normalize, cfg.tta, cfg.precision, desc)
+            return predict_logp(
+                model.model, batches, device, model.normalize, cfg.tta, cfg.precision, desc, cfg.cuda_graphs
+            )
         return model(paths, default_workers(cfg.workers), cache=cache, cache_rows=rows, desc=desc)
 
     return predict
@@ -152,7 +155,9 @@ def load_view_predictor(cfg: TrainConfig, run_dir: Path, fold: int, root: Path) 
         desc = f"fold {fold}: {len(views)} views"
         if cache is not None and use_device_pipeline(cfg, device):  # as load_predictor: no loader workers
             batches = EvalBatches(resident(cache, device, cfg.gpu_cache_gb), rows, _predict_batch(cfg, device))
-            return predict_view_logp(model.model, batches, device, model.normalize, views, cfg.precision, desc)
+            return predict_view_logp(
+                model.model, batches, device, model.normalize, views, cfg.precision, desc, cfg.cuda_graphs
+            )
         workers = default_workers(cfg.workers)
         return model.views(paths, views, workers, cache=cache, cache_rows=rows, desc=desc)
 
