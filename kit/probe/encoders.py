@@ -50,6 +50,7 @@ def build_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
 
 
 def _timm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
+    from kit.infer.cudnn_warmup import warm_up
     from kit.infer.timm_predict import use_channels_last
     from kit.train.augment import eval_pipeline
     from kit.train.dataset import ImageDataset, make_loader
@@ -69,6 +70,10 @@ def _timm_encoder(cfg: TrainConfig, device: torch.device) -> Encoder:
         # in this process (no loader workers to compete with the model for a CPU's cores)
         dataset = ImageDataset(paths, None, eval_pipeline(cfg.img_size), cache)
         workers = 0 if cache is not None else default_workers(cfg.workers)
+        # on CUDA: the forward's cuDNN kernels for the full and the ragged batch, on threads at once
+        size = cfg.img_size
+        for rows in {min(batch, len(paths)), len(paths) % batch} - {0}:
+            warm_up(model, (rows, 3, size, size), device, cfg.precision, channels_last, backward=False).wait()
         out = []
         for images, _ in make_loader(dataset, batch, False, workers, device):
             with autocast(device, cfg.precision):
