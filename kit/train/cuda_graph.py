@@ -25,8 +25,11 @@ from collections.abc import Callable
 
 import torch
 
-LAUNCH_BOUND = 0.5  # host launch time / GPU time of an eager step at or above which capturing pays
-TIMED_STEP, CAPTURE_STEP = 1, 2  # step 0 pays cuDNN's planning; step 1 is timed; step 2 is captured
+# the rule prediction forwards follow too: step 0 pays cuDNN's planning, step 1 is timed, step 2 is captured
+# when launching took at least LAUNCH_BOUND of the GPU's time
+from kit.infer.graphed_forward import CAPTURE_CALL as CAPTURE_STEP
+from kit.infer.graphed_forward import LAUNCH_BOUND as LAUNCH_BOUND
+from kit.infer.graphed_forward import TIMED_CALL as TIMED_STEP
 
 
 class GraphedStep:
