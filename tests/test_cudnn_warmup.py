@@ -50,6 +50,29 @@ def test_warm_up_off_cuda_starts_nothing():
     model = timm.create_model("resnet10t", num_classes=3)
     warm = warm_up(model, (2, 3, 64, 64), torch.device("cpu"), "auto", channels_last=True, backward=True)
     assert warm.futures == [] and warm.wait() < 0.1
+    assert warm.summary() == "no cuDNN warm-up (nothing new to warm)"
+
+
+def test_the_summary_says_how_long_the_threads_took_and_what_failed():
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from kit.infer.cudnn_warmup import Warmup
+
+    def built(delay):
+        time.sleep(delay)
+        return time.perf_counter()
+
+    def fails():
+        raise RuntimeError("CUDA out of memory\nmore")
+
+    with ThreadPoolExecutor(2) as pool:
+        warm = Warmup([pool.submit(built, 0.2), pool.submit(fails)], threads=2)
+        warm.wait()
+    summary = warm.summary()
+    assert summary.startswith("cuDNN warm-up of 2 convolutions on 2 threads: 0.")
+    assert summary.endswith("; 1 failed, first: CUDA out of memory")
+    assert 0.15 < warm.waited < 1.0
 
 
 CHILD = """
@@ -63,8 +86,10 @@ y = torch.randint(0, 4, (32,), device="cuda")
 warm_s = 0.0
 if sys.argv[1] == "warm":
     tick = time.perf_counter()
-    warm_up(model, tuple(x.shape), x.device, "auto", channels_last=True, backward=True).wait()
+    warm = warm_up(model, tuple(x.shape), x.device, "auto", channels_last=True, backward=True)
+    warm.wait()
     warm_s = time.perf_counter() - tick
+    print(warm.summary(), file=sys.stderr)
 tick = time.perf_counter()
 with torch.autocast("cuda", dtype=torch.bfloat16):
     loss = F.cross_entropy(model(x).float(), y)

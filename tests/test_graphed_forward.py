@@ -47,3 +47,32 @@ def test_a_replayed_forward_equals_the_eager_one(graphs):
     assert torch.equal(
         forward(model, x, "auto", torch.channels_last, graphs), forward(model, x, "auto", torch.channels_last, False)
     )
+
+
+class _Noise(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4096
+
+    def __getitem__(self, i):
+        return torch.randn(3, 64, 64, generator=torch.Generator().manual_seed(i))
+
+
+@pytest.mark.gpu
+@cuda
+def test_capture_survives_a_loader_pinning_memory_on_its_own_thread():
+    """kit predict and the bundle feed forwards from a DataLoader whose pin-memory thread allocates pinned
+    buffers at any moment, the capture included (a "global" capture fails there: cudaErrorStreamCaptureUnsupported,
+    raised in the loader). Many small batches, so that pinning overlaps each capture."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=3).cuda().eval().to(memory_format=torch.channels_last)
+    loader = torch.utils.data.DataLoader(_Noise(), batch_size=8, num_workers=2, pin_memory=True, prefetch_factor=8)
+    batches = 0
+    for x in loader:
+        x = x.cuda(non_blocking=True)
+        # a new batch shape every few batches: a capture each (graphs=True captures at the third call)
+        x = x[: 1 + batches // 3 % 8]
+        forward(model, x, "auto", torch.channels_last, graphs=True)
+        batches += 1
+    assert batches == 512
+    captured = [s for s in _FORWARDS[model].values() if s.graph is not None]
+    assert len(captured) == 8  # every shape captured: none fell back to eager

@@ -108,14 +108,28 @@ def _meta_conv_calls(model: torch.nn.Module, input_shape: tuple[int, ...]) -> li
 class Warmup:
     """Threads building cuDNN kernels; `wait()` returns once all are done (the seconds waited)."""
 
-    def __init__(self, futures: list[Future]):
-        self.futures = futures
+    def __init__(self, futures: list[Future], threads: int = 0):
+        self.futures, self.threads = futures, threads
+        self.started, self.waited = time.perf_counter(), 0.0
 
     def wait(self) -> float:
         start = time.perf_counter()
         for future in self.futures:
             future.exception()  # a warm-up that failed leaves its convolution to the first step
+        self.waited += time.perf_counter() - start
         return time.perf_counter() - start
+
+    def summary(self) -> str:
+        """What the warm-up did, for the note on a slow first step (after wait())."""
+        if not self.futures:
+            return "no cuDNN warm-up (nothing new to warm)"
+        failed = [f.exception() for f in self.futures if f.exception() is not None]
+        took = max(f.result() for f in self.futures if f.exception() is None) if len(failed) < len(self.futures) else 0
+        why = f"; {len(failed)} failed, first: {str(failed[0]).splitlines()[0][:120]}" if failed else ""
+        return (
+            f"cuDNN warm-up of {len(self.futures)} convolutions on {self.threads} threads: "
+            f"{took - self.started:.1f} s, {self.waited:.1f} s of it waited{why}"
+        )
 
 
 def warm_up(
@@ -140,14 +154,15 @@ def warm_up(
     if not todo:
         return Warmup([])
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    pool = ThreadPoolExecutor(max_workers=min(len(todo), cores, MAX_THREADS), thread_name_prefix="kit-cudnn")
+    threads = min(len(todo), cores, MAX_THREADS)
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kit-cudnn")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     futures = [pool.submit(_run, call, device, precision, layout, backward) for call in todo]
     pool.shutdown(wait=False)  # the threads end with their work; wait() joins the futures
-    return Warmup(futures)
+    return Warmup(futures, threads)
 
 
-def _run(call: ConvCall, device: torch.device, precision: str, layout, backward: bool) -> None:
+def _run(call: ConvCall, device: torch.device, precision: str, layout, backward: bool) -> float:
     """One convolution forward (and backward) on random tensors of its shapes, as the model runs it."""
     torch.cuda.set_device(device)
     # autocast is per thread: this thread casts as the model's own thread does
@@ -162,3 +177,4 @@ def _run(call: ConvCall, device: torch.device, precision: str, layout, backward:
     if backward:
         out.backward(torch.ones_like(out))
     torch.cuda.current_stream(device).synchronize()
+    return time.perf_counter()  # when this convolution's kernels were built

@@ -96,7 +96,9 @@ def _capture(state: _Forward, model: torch.nn.Module, x: torch.Tensor, precision
     try:
         with torch.cuda.stream(stream):
             _with_cache_off(model, static_x, precision)  # once on the capture stream, as torch.cuda.graphs asks
-            with torch.cuda.graph(graph, stream=stream):
+            # thread_local: the pin-memory thread of the loader feeding these forwards allocates pinned
+            # buffers while we capture; under the default ("global") that kills the capture and the loader
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                 logits = _with_cache_off(model, static_x, precision)
     except RuntimeError:  # an op that cannot be captured, or no memory for the graph: eager from now on
         torch.cuda.current_stream(x.device).wait_stream(stream)

@@ -102,7 +102,9 @@ class GraphedStep:
         graph = torch.cuda.CUDAGraph()
         self.stream.wait_stream(torch.cuda.current_stream())
         try:
-            with torch.cuda.graph(graph, stream=self.stream):
+            # thread_local: another thread's CUDA calls (a DataLoader's pin-memory thread allocating pinned
+            # buffers) neither break the capture nor fail themselves; only this thread's are restricted
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 with self.autocast_fn(cache_enabled=False):  # autocast's weight cache cannot live in a graph
                     loss = self.loss_fn(self.model(sx), sy)
                 loss.backward()

@@ -129,6 +129,7 @@ class FoldTrainer:
         self.ema = EMA(model, cfg.ema_decay) if cfg.ema_decay else None
         self.forward = distributed.wrap(self.model, device)  # DistributedDataParallel under --ddp, else the model
         self.compiled, self.graphed = False, None
+        self.warmup = None  # the cuDNN warm-up before the first step (kit.infer.cudnn_warmup), if any
         if cfg.compile is True:
             self.compile()
         self.graphed = self._graphed_step(cfg, device)
@@ -250,7 +251,8 @@ class FoldTrainer:
     def _note_first_step(self, seconds: float, desc: str) -> None:
         """One line when a CUDA process's first step is slow: cuDNN planning every convolution's shape."""
         if self.device.type == "cuda" and seconds > FIRST_STEP_NOTE_S:
-            print(f"kit: {desc}: first step {seconds:.1f} s", file=sys.stderr)
+            warm = f" ({self.warmup.summary()})" if self.warmup is not None else ""
+            print(f"kit: {desc}: first step {seconds:.1f} s{warm}", file=sys.stderr)
 
     def state(self) -> tuple[dict, dict]:
         parts = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -66,6 +66,7 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     steps = max(1, len(rows["train"]) // cfg.batch_size)
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
     warm.wait()
+    trainer.warmup = warm  # its summary joins the note on a slow first step
     return trainer, feed, labels
 
 
