@@ -85,39 +85,44 @@ class Timed:
     rate: float  # images per second through normalisation and one forward, steady
 
 
-def forward_rate(model, normalize, spec: dict, device: torch.device) -> tuple[float, float]:
-    """(images per second, extra seconds of the first batch), in the member's precision and in the batches
-    infer.py feeds it (kit.infer.streams._in_pieces: its prediction rows)."""
+def forward_rate(model, normalize, spec: dict, device: torch.device, graphs: bool | str) -> tuple[float, float]:
+    """(images per second, extra seconds of the first batches), in the member's precision and in the batches
+    infer.py feeds it (kit.infer.streams._in_pieces: its prediction rows), through the forward infer.py runs:
+    `graphs` as its predictor (a timm member's launch-bound forward is replayed from a CUDA graph: on an
+    H200, lite0's 64-row forward went from 7.9 ms eager to about 4 ms, and an estimate timed eagerly was
+    off by 1.5x)."""
     from kit.infer.timm_predict import prediction_rows
 
     rows = prediction_rows(spec, device)
     if device.type == "cuda" or rows <= CPU_PROBE_ROWS:
-        return _timed_forwards(model, normalize, spec, device, rows)
+        return _timed_forwards(model, normalize, spec, device, rows, graphs)
     # On the CPU the rate grows with the batch (lite0 @112 px: ~290 images/s at 8 rows, ~480 at 64; the
     # demo's bundle estimated 25 s for a run of 18.8 s when timed at 8), but a large model's batch of 64 can
     # take minutes: a few rows first, the member's own batch only when two of it fit the budget.
-    rate, first = _timed_forwards(model, normalize, spec, device, CPU_PROBE_ROWS)
+    rate, first = _timed_forwards(model, normalize, spec, device, CPU_PROBE_ROWS, graphs)
     if 2 * rows / rate > BUDGET_S:
         return rate, first
-    return _timed_forwards(model, normalize, spec, device, rows)[0], first
+    return _timed_forwards(model, normalize, spec, device, rows, graphs)[0], first
 
 
-def _timed_forwards(model, normalize, spec: dict, device: torch.device, rows: int) -> tuple[float, float]:
-    from kit.train.runtime import autocast
+def _timed_forwards(model, normalize, spec: dict, device: torch.device, rows: int, graphs) -> tuple[float, float]:
+    from kit.infer.graphed_forward import CAPTURE_CALL, forward
 
     size = spec["img_size"]
     images = torch.randint(0, 256, (rows, 3, size, size), dtype=torch.uint8, device=device)
+    layout = torch.channels_last if normalize.channels_last else torch.contiguous_format
+    # the calls up to the capture are first-use costs (eager, timed, captured), as in a real run
+    first_calls = CAPTURE_CALL + 1 if device.type == "cuda" and graphs is not False else 1
     times = []
-    with torch.inference_mode():
-        while len(times) < 2 or (sum(times[1:]) < BUDGET_S and len(times) < 50):
+    with torch.no_grad():
+        while len(times) <= first_calls or (sum(times[first_calls:]) < BUDGET_S and len(times) < 50):
             start = time.perf_counter()
-            with autocast(device, spec["precision"]):
-                model(normalize(images))
+            forward(model, normalize(images), spec["precision"], layout, graphs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
-    steady = statistics.median(times[1:])  # a shared machine's passing load spike moves a median less
-    return rows / steady, max(0.0, times[0] - steady)
+    steady = statistics.median(times[first_calls:])  # a shared machine's passing load spike moves a median less
+    return rows / steady, max(0.0, sum(times[:first_calls]) - first_calls * steady)
 
 
 def time_timm_member(spec: dict, weights: Path, device: torch.device) -> Timed:
@@ -128,7 +133,7 @@ def time_timm_member(spec: dict, weights: Path, device: torch.device) -> Timed:
     built = time.perf_counter()
     fold = TimmFold(spec, weights, device, template=template)
     loaded = time.perf_counter()
-    rate, first = forward_rate(fold.model, fold.normalize, spec, device)
+    rate, first = forward_rate(fold.model, fold.normalize, spec, device, spec.get("cuda_graphs", "auto"))
     return Timed(built - start, loaded - built, first, rate)
 
 
@@ -141,7 +146,7 @@ def time_probe_encoder(spec: dict, tensors: dict, device: torch.device) -> Timed
     model.load_state_dict(tensors)
     encoder = Encoder(model, spec, device)
     built = time.perf_counter()
-    rate, first = forward_rate(encoder.model, encoder.normalize, spec, device)
+    rate, first = forward_rate(encoder.model, encoder.normalize, spec, device, False)  # eager, as Encoder runs
     return Timed(built - start, 0.0, first, rate)
 
 

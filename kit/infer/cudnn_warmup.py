@@ -124,11 +124,12 @@ class Warmup:
         if not self.futures:
             return "no cuDNN warm-up (nothing new to warm)"
         failed = [f.exception() for f in self.futures if f.exception() is not None]
-        took = max(f.result() for f in self.futures if f.exception() is None) if len(failed) < len(self.futures) else 0
+        built = [f.result() for f in self.futures if f.exception() is None]
+        took = f"{max(built) - self.started:.1f} s" if built else "nothing built"
         why = f"; {len(failed)} failed, first: {str(failed[0]).splitlines()[0][:120]}" if failed else ""
         return (
             f"cuDNN warm-up of {len(self.futures)} convolutions on {self.threads} threads: "
-            f"{took - self.started:.1f} s, {self.waited:.1f} s of it waited{why}"
+            f"{took}, {self.waited:.1f} s of it waited{why}"
         )
 
 
@@ -144,6 +145,8 @@ def warm_up(
     with cuDNN on; elsewhere nothing to do). `backward`: also the gradients' kernels (a training step)."""
     if device.type != "cuda" or not torch.backends.cudnn.enabled:
         return Warmup([])
+    if device.index is None:  # "cuda" is the caller's current device; a new thread's would be device 0
+        device = torch.device("cuda", torch.cuda.current_device())
     try:
         calls = conv_calls(model, input_shape)
     except Exception:  # an op without a meta kernel: the first step builds its kernels itself, as without this
