@@ -11,12 +11,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
 
 # thread_warm: one step on another thread first; warmup / warmup1: kit.infer.cudnn_warmup on 16 / 1 threads
 VARIANTS = ("default", "nchw", "no_cudnn", "fp32", "nchw_fp32", "thread_warm", "warmup", "warmup1")
+# kit's defaults in a child whose environment differs: PyTorch's switch for cuDNN's run-time compiled (RTC)
+# engines (pytorch/pytorch#170340 turned them off by default with this opt-in; whether torch 2.11 reads it
+# is what these two measure)
+ENV_VARIANTS = {
+    "rtc_off": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "0"},
+    "rtc_on": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "1"},
+}
 
 
 def _first_forward_by_kind(model, x) -> dict:
@@ -158,7 +166,7 @@ def main() -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=["default"])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS + tuple(ENV_VARIANTS), default=["default"])
     # the breakdown's forward plans the forward's shapes first: first_step_s then holds the backward's planning
     p.add_argument("--breakdown", action="store_true", help="time the first forward of each module kind")
     p.add_argument("--child", action="store_true")
@@ -170,10 +178,13 @@ def main() -> None:
         for n in args.procs:
             tick = time.time()
             cmd = [sys.executable, __file__, "--child", "--model", args.model, "--batch", str(args.batch)]
-            cmd += ["--size", str(args.size), "--variants", variant] + (["--breakdown"] if args.breakdown else [])
-            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(n)]
+            child = "default" if variant in ENV_VARIANTS else variant
+            cmd += ["--size", str(args.size), "--variants", child] + (["--breakdown"] if args.breakdown else [])
+            env = {**os.environ, **ENV_VARIANTS.get(variant, {})}
+            procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env) for _ in range(n)]
             rows = [json.loads(proc.communicate()[0] or "{}") for proc in procs]
-            print(json.dumps({"procs": n, "wall_s": round(time.time() - tick, 1), "each": rows}), flush=True)
+            out = {"variant": variant, "procs": n, "wall_s": round(time.time() - tick, 1), "each": rows}
+            print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
