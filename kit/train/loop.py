@@ -300,14 +300,15 @@ class FoldTrainer:
         history = self.history.csv()
         best_meta = {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)}
 
-        def write() -> None:
-            if best is not None:
-                save_weights(fold_dir / WEIGHTS, best, best_meta)
+        def write_state() -> None:
             save_training_state(fold_dir / CHECKPOINT, parts, meta)
             # after the checkpoint: an epoch history.csv shows is never lost to a kill
             write_text(fold_dir / "history.csv", history)
 
-        self.writer.submit(write)
+        jobs = {"state": write_state}
+        if best is not None:
+            jobs["weights"] = lambda: save_weights(fold_dir / WEIGHTS, best, best_meta)
+        self.writer.submit(jobs)
         return self.stopped
 
     def flush(self) -> None:
