@@ -19,7 +19,6 @@ Ensemble recipes and image matching are not counted (milliseconds).
 from __future__ import annotations
 
 import importlib.util
-import os
 import time
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 
 from kit.bundle import rates
+from kit.train.runtime import usable_cores
 
 SAMPLE_IMAGES = 12  # test images decoded per input size to measure the decode rate
 VLM_SAMPLE = 4
@@ -40,10 +40,6 @@ def _runs(node: dict, seen: dict[str, dict]) -> dict[str, dict]:
         for member in node["members"]:
             _runs(member, seen)
     return seen
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _sample(paths: list[str]) -> list[str]:
@@ -75,7 +71,7 @@ def weights_check(collected) -> tuple[float, str]:
         return 0.0, "weights check: no files"
     files = [p for p in collected.weights.values() if p.is_file()]
     rate = rates.hash_rate(max(files, key=lambda p: p.stat().st_size) if files else None)
-    threads = max(1, min(8, len(sizes), _cores()))  # as kit.infer.manifest.check_files
+    threads = max(1, min(8, len(sizes), usable_cores()))  # as kit.infer.manifest.check_files
     total, largest = sum(sizes.values()), max(sizes.values())
     seconds = max(total / (rate * threads), largest / rate)
     mib, gib_s = total / 2**20, rate / 2**30
@@ -98,7 +94,7 @@ def _passes(node: dict) -> tuple[int, str]:
 
 def stream(size: int, members: list, n: int, sample: list[str], device: torch.device) -> tuple[float, list[str]]:
     """One input size: the images decoded once while its members' models run."""
-    workers, cores = _decode_workers(), _cores()
+    workers, cores = _decode_workers(), usable_cores()
     lines, models = [], 0.0
     for node, timed in members:
         views, how = _passes(node)

@@ -21,7 +21,6 @@ the first step, as without a warm-up.
 from __future__ import annotations
 
 import inspect
-import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from kit.train.runtime import autocast
+from kit.train.runtime import autocast, usable_cores
 
 MAX_THREADS = 16
 _WARMED: set = set()  # (ConvCall, precision, backward) of the convolutions this process has warmed
@@ -156,7 +155,7 @@ def warm_up(
         _WARMED.update((c, precision, backward) for c in todo)
     if not todo:
         return Warmup([])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     threads = min(len(todo), cores, MAX_THREADS)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kit-cudnn")
     layout = torch.channels_last if channels_last else torch.contiguous_format

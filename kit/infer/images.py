@@ -8,14 +8,13 @@ multi-line traceback); its row carries the one-line reason and `predict_logp` ra
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from kit.images import load_image
 from kit.preprocess import EvalTransform
+from kit.train.runtime import usable_cores
 
 MAX_WORKERS = 16  # Pillow decodes ~360 photo-sized JPEGs/s per core: 16 feed a small model on a big GPU
 IN_FLIGHT_BYTES = 1 << 30  # decoded batches the workers may hold ahead (shared memory: /dev/shm is often small)
@@ -54,8 +53,7 @@ def decode_workers(requested: int) -> int:
     """`requested` decoding processes, or for -1 one per core the process may use, at most MAX_WORKERS."""
     if requested >= 0:
         return requested
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(MAX_WORKERS, cores)
+    return min(MAX_WORKERS, usable_cores())
 
 
 def prefetch_batches(batch_size: int, size: int, workers: int) -> int:

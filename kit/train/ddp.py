@@ -28,6 +28,7 @@ from kit.train.driver import RunSummary, assemble, finish_fold, plan_run, run_co
 from kit.train.families import get_family
 from kit.train.launch import Worker, run_workers, take_share
 from kit.train.lock import RunLock
+from kit.train.runtime import usable_cores
 
 
 def train_ddp(cfg: TrainConfig, root: Path = Path("."), only_folds: list[int] | None = None, n: int = 2) -> RunSummary:
@@ -42,7 +43,7 @@ def train_ddp(cfg: TrainConfig, root: Path = Path("."), only_folds: list[int] | 
         if todo:
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}"]
             command += ["-m", "kit.train.ddp", str(plan.run_dir), *map(str, todo), "--root", str(root)]
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            cores = usable_cores()
             env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, cores // n)))}
             where = f"{n} GPUs" if cuda else f"{n} CPU processes"
             run_workers([Worker("ddp", command, env)], plan, f"{plan.cfg.name}: {len(todo)} folds, each over {where}")

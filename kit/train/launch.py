@@ -130,7 +130,9 @@ def take_share(cfg: TrainConfig, share: int, per_gpu: int = 1) -> None:
     """
     import torch
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from kit.train.runtime import usable_cores
+
+    cores = usable_cores()
     part = max(1, cores // share)
     if not cfg.deterministic:
         torch.set_num_threads(part)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import sys
 import time
 
@@ -141,4 +140,6 @@ def measure_steps(cfg: TrainConfig, batches: list[int], warmup: int = 3, timed: 
 
 
 def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from kit.train.runtime import usable_cores
+
+    return usable_cores()
