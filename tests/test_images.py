@@ -6,6 +6,7 @@ import io
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -170,3 +171,21 @@ def test_folds_refuses_a_bad_test_image_even_with_skip_bad(dacon_dir, tmp_path):
     assert f"error: {bad}: cannot decode image" in result.output
     assert "a test image" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK", "RGBA"])
+@pytest.mark.parametrize("shape", [(512, 384), (40, 40), (31, 77)])
+def test_a_decoded_file_goes_to_the_filter_as_the_array_path_sends_it(tmp_path, mode, shape):
+    """EvalTransform.from_image (prediction's fresh decodes) and resize_image (the training cache) make the
+    pixels EvalTransform and resize_square make from the decoded array, to the bit."""
+    from kit.preprocess import EvalTransform, resize_image, resize_square
+
+    rng = np.random.default_rng(sum(shape))
+    pixels = rng.integers(0, 256, (*shape[::-1], 3), dtype=np.uint8)
+    path = tmp_path / ("x.png" if mode in ("RGBA", "L") else "x.jpg")
+    Image.fromarray(pixels).convert(mode).save(path)
+    image = load_image(path)
+    for size in (40, 224):
+        array = np.asarray(image)
+        assert np.array_equal(np.asarray(resize_image(image, size)), resize_square(array, size))
+        assert torch.equal(EvalTransform(size).from_image(image), EvalTransform(size)(image=array)["image"])

@@ -39,14 +39,14 @@ class ImageFiles(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         if self.cache is not None:
             pixels = np.array(self.cache[self.cache_rows[index]])  # a private copy of the read-only map
-        else:
-            try:
-                pixels = np.asarray(load_image(self.paths[index]))
-            except Exception as e:  # Pillow raises many types for a broken file; each is a bad image here
-                reason = (str(e).splitlines() or [""])[0] or type(e).__name__
-                size = self.transform.size
-                return torch.zeros((3, size, size), dtype=torch.uint8), f"{self.paths[index]}: cannot decode ({reason})"
-        return self.transform(image=pixels)["image"], ""
+            return self.transform(image=pixels)["image"], ""
+        try:
+            image = load_image(self.paths[index])
+        except Exception as e:  # Pillow raises many types for a broken file; each is a bad image here
+            reason = (str(e).splitlines() or [""])[0] or type(e).__name__
+            size = self.transform.size
+            return torch.zeros((3, size, size), dtype=torch.uint8), f"{self.paths[index]}: cannot decode ({reason})"
+        return self.transform.from_image(image), ""
 
 
 def decode_workers(requested: int) -> int:

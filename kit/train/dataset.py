@@ -23,7 +23,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, S
 from kit.images import load_image
 from kit.infer.progress import progress_bar
 from kit.io import atomic_path
-from kit.preprocess import resize_square
+from kit.preprocess import resize_image
 from kit.train.lock import exclusive
 
 
@@ -78,7 +78,7 @@ def _fill(args: tuple[str, int, int, list[str], int]) -> int:
     target = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
     for offset, path in enumerate(paths):
         # the eval pipeline's own resize, so cached and freshly decoded predictions agree exactly
-        target[start + offset] = resize_square(np.asarray(load_image(path)), size)
+        target[start + offset] = np.asarray(resize_image(load_image(path), size))
     target.flush()
     return len(paths)
 
