@@ -189,3 +189,51 @@ def test_a_decoded_file_goes_to_the_filter_as_the_array_path_sends_it(tmp_path, 
         array = np.asarray(image)
         assert np.array_equal(np.asarray(resize_image(image, size)), resize_square(array, size))
         assert torch.equal(EvalTransform(size).from_image(image), EvalTransform(size)(image=array)["image"])
+
+
+def _photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    """Smooth content with a little grain: what a camera's JPEG holds (pure noise would not compress)."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height))
+    grain = rng.integers(-6, 7, (height, width, 3))
+    return Image.fromarray(np.clip(np.asarray(coarse, dtype=np.int16) + grain, 0, 255).astype(np.uint8))
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_that_keeps_twice_the_target_side(tmp_path):
+    from kit.images import DRAFT_MARGIN
+    from kit.preprocess import resize_image
+
+    _photo(1000, 900).save(tmp_path / "big.jpg", quality=92)
+    _photo(1000, 900).save(tmp_path / "big.png")
+    assert load_image(tmp_path / "big.jpg", resize_to=224).size == (500, 450)  # 1/2: both sides >= 448
+    assert load_image(tmp_path / "big.jpg", resize_to=100).size == (250, 225)  # 1/4
+    assert load_image(tmp_path / "big.jpg", resize_to=300).size == (1000, 900)  # 1/2 would be under 600
+    assert load_image(tmp_path / "big.jpg").size == (1000, 900)
+    assert load_image(tmp_path / "big.png", resize_to=100).size == (1000, 900)  # only JPEGs have DCT scales
+    scaled = np.asarray(resize_image(load_image(tmp_path / "big.jpg", resize_to=224), 224), dtype=np.float64)
+    full = np.asarray(resize_image(load_image(tmp_path / "big.jpg"), 224), dtype=np.float64)
+    assert np.abs(scaled - full).mean() < 1.0 and DRAFT_MARGIN == 2  # well under a grey level
+
+
+def test_a_scaled_decode_keeps_the_exif_orientation(tmp_path):
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    _photo(1000, 900).save(tmp_path / "rotated.jpg", exif=exif, quality=92)
+    assert load_image(tmp_path / "rotated.jpg", resize_to=224).size == (450, 500)
+
+
+def test_the_cache_and_a_fresh_prediction_decode_make_the_same_pixels(tmp_path):
+    """Training's cache (kit.train.dataset.image_cache) and the decode of kit predict and infer.py
+    (kit.infer.images.ImageFiles) scale a large JPEG alike: OOF and test rows see the same pixels."""
+    from kit.infer.images import ImageFiles
+    from kit.train.dataset import image_cache
+
+    paths = []
+    for i, (w, h) in enumerate([(1000, 900), (640, 480), (120, 90)]):
+        _photo(w, h, seed=i).save(tmp_path / f"{i}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    cache = image_cache(paths, 160, tmp_path / "cache")
+    fresh = ImageFiles(paths, 160)
+    for i in range(len(paths)):
+        pixels, problem = fresh[i]
+        assert problem == "" and np.array_equal(pixels.numpy().transpose(1, 2, 0), cache[i])

@@ -109,9 +109,9 @@ def decodes(monkeypatch) -> Counter:
     counts: Counter = Counter()
     load = kit.infer.images.load_image
 
-    def counting(path):
+    def counting(path, resize_to=0):
         counts[str(path)] += 1
-        return load(path)
+        return load(path, resize_to)
 
     monkeypatch.setattr(kit.infer.images, "load_image", counting)
     return counts

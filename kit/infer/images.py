@@ -41,7 +41,7 @@ class ImageFiles(Dataset):
             pixels = np.array(self.cache[self.cache_rows[index]])  # a private copy of the read-only map
             return self.transform(image=pixels)["image"], ""
         try:
-            image = load_image(self.paths[index])
+            image = load_image(self.paths[index], resize_to=self.transform.size)
         except Exception as e:  # Pillow raises many types for a broken file; each is a bad image here
             reason = (str(e).splitlines() or [""])[0] or type(e).__name__
             size = self.transform.size

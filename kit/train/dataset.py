@@ -66,7 +66,8 @@ class ImageDataset(Dataset):
 
 
 def _cache_key(paths: list[str], size: int) -> str:
-    digest = hashlib.sha256(str(size).encode())
+    # "scaled": JPEGs decoded at a reduced scale (kit.images.DRAFT_MARGIN); caches from before are not reused
+    digest = hashlib.sha256(f"{size} scaled".encode())
     for p in paths:
         stat = os.stat(p)
         digest.update(f"{p}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -78,7 +79,7 @@ def _fill(args: tuple[str, int, int, list[str], int]) -> int:
     target = np.memmap(file, dtype=np.uint8, mode="r+", shape=(n, size, size, 3))
     for offset, path in enumerate(paths):
         # the eval pipeline's own resize, so cached and freshly decoded predictions agree exactly
-        target[start + offset] = np.asarray(resize_image(load_image(path), size))
+        target[start + offset] = np.asarray(resize_image(load_image(path, resize_to=size), size))
     target.flush()
     return len(paths)
 
