@@ -20,10 +20,12 @@ import time
 VARIANTS = ("default", "nchw", "no_cudnn", "fp32", "nchw_fp32", "thread_warm", "warmup", "warmup1")
 # kit's defaults in a child whose environment differs: PyTorch's switch for cuDNN's run-time compiled (RTC)
 # engines (pytorch/pytorch#170340 turned them off by default with this opt-in; whether torch 2.11 reads it
-# is what these two measure)
+# is what rtc_* measure), and cuDNN's slower but broader heuristics (mode B, read by aten's Conv_v8.cpp),
+# which may rank a precompiled engine first
 ENV_VARIANTS = {
     "rtc_off": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "0"},
     "rtc_on": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "1"},
+    "heur_b": {"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"},
 }
 
 
