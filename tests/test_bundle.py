@@ -399,7 +399,12 @@ def test_an_ensemble_at_two_input_sizes_decodes_each_image_once_per_size(ensembl
     folder = ensembles / "submissions" / "sizes.bundle"
     decodes: Counter = Counter()
     load = kit.infer.images.load_image
-    monkeypatch.setattr(kit.infer.images, "load_image", lambda path: decodes.update([Path(path).name]) or load(path))
+
+    def counting(path, resize_to=0):
+        decodes.update([Path(path).name])
+        return load(path, resize_to)
+
+    monkeypatch.setattr(kit.infer.images, "load_image", counting)
     out = tmp_path / "sizes.csv"
     argv = ["--images", str(data_dir(ensembles) / "test"), "--out", str(out), "--workers", "0"]
     assert infer_cli.main(argv, bundle_data(folder / "infer.py"), folder) == 0
