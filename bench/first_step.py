@@ -5,6 +5,7 @@ run-time compiled engines (cuDNN >= 9.10 compiles depthwise kernels with NVRTC a
 
     python bench/first_step.py --procs 1 5
     python bench/first_step.py --procs 1 --variants default nchw no_cudnn fp32 --breakdown
+    python bench/first_step.py --procs 1 --variants default rtc_off rtc_on heur_b   # cuDNN's env switches
 """
 
 from __future__ import annotations

@@ -40,10 +40,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-# A JPEG that will be resized to `size` is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that keeps
-# both sides >= DRAFT_MARGIN x size (DCT scaling: far less work for a large photo), so that the antialiased
-# bicubic filter still does the last factor of two or more. On one core here a 2048x1536 JPEG to 224 px took
-# 24.5 ms instead of 40.6, its pixels within 0.44 of a grey level on average of the full decode's.
+# A JPEG that will be resized to `resize_to` is decoded at the smallest of libjpeg's 1/2, 1/4, 1/8 scales that
+# keeps both sides >= DRAFT_MARGIN x resize_to (DCT scaling: far less work for a large photo), so that the
+# antialiased bicubic filter still does the last factor of two or more: a 12 MP JPEG to 224 px 5.1x faster,
+# within a grey level of the full decode on average (bench/RESULTS.md, session 12 on the CPU).
 DRAFT_MARGIN = 2
 
 

@@ -115,15 +115,17 @@ class Warmup:
         start = time.perf_counter()
         for future in self.futures:
             future.exception()  # a warm-up that failed leaves its convolution to the first step
-        self.waited += time.perf_counter() - start
-        return time.perf_counter() - start
+        waited = time.perf_counter() - start
+        self.waited += waited
+        return waited
 
     def summary(self) -> str:
         """What the warm-up did, for the note on a slow first step (after wait())."""
         if not self.futures:
             return "no cuDNN warm-up (nothing new to warm)"
-        failed = [f.exception() for f in self.futures if f.exception() is not None]
-        built = [f.result() for f in self.futures if f.exception() is None]
+        errors = [f.exception() for f in self.futures]
+        failed = [e for e in errors if e is not None]
+        built = [f.result() for f, e in zip(self.futures, errors, strict=True) if e is None]
         took = f"{max(built) - self.started:.1f} s" if built else "nothing built"
         why = f"; {len(failed)} failed, first: {str(failed[0]).splitlines()[0][:120]}" if failed else ""
         return (
@@ -155,8 +157,7 @@ def warm_up(
         _WARMED.update((c, precision, backward) for c in todo)
     if not todo:
         return Warmup([])
-    cores = usable_cores()
-    threads = min(len(todo), cores, MAX_THREADS)
+    threads = min(len(todo), usable_cores(), MAX_THREADS)
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kit-cudnn")
     layout = torch.channels_last if channels_last else torch.contiguous_format
     futures = [pool.submit(_run, call, device, precision, layout, backward) for call in todo]

@@ -44,7 +44,7 @@ def folds_per_gpu(cfg: TrainConfig, folds_left: int, train_rows: int) -> int:
         return max(1, min(cfg.folds_per_gpu, folds_left))
     import torch
 
-    from kit.train.runtime import resolve_device
+    from kit.train.runtime import resolve_device, usable_cores
 
     if folds_left < 2 or cfg.family != "timm" or resolve_device(cfg.device).type != "cuda":
         return 1
@@ -58,7 +58,7 @@ def folds_per_gpu(cfg: TrainConfig, folds_left: int, train_rows: int) -> int:
     ((step_twice, _),) = measure_steps(cfg, [2 * cfg.batch_size])
     free, _ = torch.cuda.mem_get_info()
     total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
-    n = fill_gpu(step, step_twice, peak_gb, free / 2**30, total / 2**30, folds_left, _cores(), serial)
+    n = fill_gpu(step, step_twice, peak_gb, free / 2**30, total / 2**30, folds_left, usable_cores(), serial)
     if n > 1:
         busy = (step_twice - step) / step
         print(
@@ -137,9 +137,3 @@ def measure_steps(cfg: TrainConfig, batches: list[int], warmup: int = 3, timed: 
     del trainer, model
     torch.cuda.empty_cache()
     return measured
-
-
-def _cores() -> int:
-    from kit.train.runtime import usable_cores
-
-    return usable_cores()
