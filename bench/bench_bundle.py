@@ -159,6 +159,7 @@ def main() -> None:
             seconds[name].append(timed(sides[name]))
     report(args, root, seconds, float(np.abs(read_values(outs["kit"]) - read_values(outs["bundle"])).max()))
     per_fold_path(root, images, read_values(outs["kit"]), args)
+    models_alone(root, args)
     as_a_user_runs_it(built, images, root / "fresh.csv", args)
 
 
@@ -184,6 +185,33 @@ def per_fold_path(root: Path, images: Path, decoded_once: np.ndarray, args: argp
     print(
         f"per-fold path (each fold decodes every image): {seconds:.2f} s ({args.images / seconds:.1f} test "
         f"images/s); max |per-fold - decode-once| probability: {diff:.2e}"
+    )
+
+
+def models_alone(root: Path, args: argparse.Namespace) -> None:
+    """The ceiling decoding cannot lift: every fold model with every TTA view (TimmFold.logp, as decode-once
+    feeds them) on uint8 batches already on the device, no loader, no decoding."""
+    from kit.infer.timm_predict import TimmFold, timm_spec
+    from kit.train.driver import run_config
+    from kit.train.runtime import resolve_device
+
+    cfg = run_config(root / "runs" / RUN)
+    device, spec = resolve_device(args.device), timm_spec(to_dict(cfg))
+    folds = [TimmFold(spec, root / "runs" / RUN / f"fold{k}" / "model.safetensors", device) for k in range(args.folds)]
+    batch = torch.randint(0, 256, (args.batch_size, 3, args.img_size, args.img_size), dtype=torch.uint8, device=device)
+    batches = max(1, args.images // args.batch_size)
+
+    def run() -> None:
+        with torch.inference_mode():
+            for _ in range(batches):
+                for fold in folds:
+                    fold.logp(batch)
+
+    run()  # plans and graphs
+    seconds = timed(run)
+    print(
+        f"models alone (images already on the device, {args.folds} folds x {len(args.tta)} views): {seconds:.2f} s "
+        f"({batches * args.batch_size / seconds:.1f} test images/s): the ceiling for decode-once"
     )
 
 

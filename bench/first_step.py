@@ -19,14 +19,15 @@ import time
 
 # thread_warm: one step on another thread first; warmup / warmup1: kit.infer.cudnn_warmup on 16 / 1 threads
 VARIANTS = ("default", "nchw", "no_cudnn", "fp32", "nchw_fp32", "thread_warm", "warmup", "warmup1")
-# kit's defaults in a child whose environment differs: PyTorch's switch for cuDNN's run-time compiled (RTC)
-# engines (pytorch/pytorch#170340 turned them off by default with this opt-in; whether torch 2.11 reads it
-# is what rtc_* measure), and cuDNN's slower but broader heuristics (mode B, read by aten's Conv_v8.cpp),
-# which may rank a precompiled engine first
+# kit's defaults in a child whose environment differs. Measured on an H200 (bench/RESULTS.md, session 13):
+# torch 2.11 does not read TORCH_CUDNN_V8_API_RTC_ENABLED (pytorch/pytorch#170340's opt-in: the name is
+# not in its binaries), heuristics mode B (read by aten's Conv_v8.cpp) gave no faster first step, and the
+# legacy v7 API path fails on these convolutions (CUDNN_STATUS_BAD_PARAM)
 ENV_VARIANTS = {
     "rtc_off": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "0"},
     "rtc_on": {"TORCH_CUDNN_V8_API_RTC_ENABLED": "1"},
     "heur_b": {"TORCH_CUDNN_USE_HEURISTIC_MODE_B": "1"},
+    "v7": {"TORCH_CUDNN_V8_API_DISABLED": "1"},
 }
 
 

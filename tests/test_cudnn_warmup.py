@@ -49,7 +49,7 @@ def test_conv_calls_are_the_forward_s_convolutions_and_leave_the_model_as_it_was
 def test_warm_up_off_cuda_starts_nothing():
     model = timm.create_model("resnet10t", num_classes=3)
     warm = warm_up(model, (2, 3, 64, 64), torch.device("cpu"), "auto", channels_last=True, backward=True)
-    assert warm.futures == [] and warm.wait() < 0.1
+    assert warm.futures == [] and warm.wait() < 0.1 and not warm.running
     assert warm.summary() == "no cuDNN warm-up (nothing new to warm)"
 
 
@@ -68,7 +68,9 @@ def test_the_summary_says_how_long_the_threads_took_and_what_failed():
 
     with ThreadPoolExecutor(2) as pool:
         warm = Warmup([pool.submit(built, 0.2), pool.submit(fails)], threads=2)
+        assert warm.running  # a thread is still building: the caller may do more work meanwhile
         warm.wait()
+        assert not warm.running
     summary = warm.summary()
     assert summary.startswith("cuDNN warm-up of 2 convolutions on 2 threads: 0.")
     assert summary.endswith("; 1 failed, first: CUDA out of memory")

@@ -111,6 +111,10 @@ class Warmup:
         self.futures, self.threads = futures, threads
         self.started, self.waited = time.perf_counter(), 0.0
 
+    @property
+    def running(self) -> bool:
+        return not all(future.done() for future in self.futures)
+
     def wait(self) -> float:
         start = time.perf_counter()
         for future in self.futures:

@@ -39,29 +39,65 @@ def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, metadata: dict[str, 
     os.chmod(tmp, mode)
 
 
-def snapshot(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Host copies of a state dict as it is now (the training goes on changing the device tensors)."""
-    return dict(zip(state, host_copies(list(state.values())), strict=True))
+class HostTransfer:
+    """Host copies of tensors as they are at the call, those on a GPU fetched in one transfer per dtype
+    without making the caller wait: the copies hold their values once wait() has returned.
+
+    A checkpoint's ~900 model, EMA and optimizer tensors one by one were ~900 synchronising copies, 80 ms of
+    every lite0 epoch's ~0.3 s on an H200 (py-spy, bench/pyspy_summary.py); one synchronising copy per
+    dtype still kept the training thread 21-42 ms per epoch in end_epoch (bench/startup_trace.py). Now each
+    dtype's tensors are joined on the device, in stream order (later steps cannot change what is copied),
+    and that buffer goes to pinned host memory on a side stream while the next epoch runs; the checkpoint
+    writer thread waits for it. The copies of one transfer are views of one buffer; writing them clones
+    each (_cpu), as safetensors refuses shared storage."""
+
+    def __init__(self) -> None:
+        self._events: list[torch.cuda.Event] = []
+
+    def snapshot(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return dict(zip(state, self.copies(list(state.values())), strict=True))
+
+    def copies(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor | None] = [None] * len(tensors)
+        groups: dict[tuple, list[int]] = {}
+        for i, t in enumerate(tensors):
+            if t.device.type == "cuda":
+                groups.setdefault((t.device, t.dtype), []).append(i)
+            else:
+                out[i] = t.detach().to("cpu", copy=True)
+        for (device, _), members in groups.items():
+            flat = self._fetch(torch.cat([tensors[i].detach().reshape(-1) for i in members]), device)
+            parts = flat.split([tensors[i].numel() for i in members])
+            for i, part in zip(members, parts, strict=True):
+                out[i] = part.view(tensors[i].shape)
+        return out
+
+    def _fetch(self, flat: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """flat's values in pinned host memory, copied on a side stream after what the caller queued."""
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        side = _copy_stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            host.copy_(flat, non_blocking=True)
+            flat.record_stream(side)  # the allocator keeps flat's memory until the copy is done
+            event = torch.cuda.Event()
+            event.record(side)
+        self._events.append(event)
+        return host
+
+    def wait(self) -> None:
+        for event in self._events:
+            event.synchronize()
+        self._events = []
 
 
-def host_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Host copies of tensors, those on a GPU fetched in one transfer per dtype: a checkpoint's ~900 model,
-    EMA and optimizer tensors one by one were ~900 synchronising copies, 80 ms of every lite0 epoch's
-    ~0.3 s on an H200 (py-spy, bench/pyspy_summary.py). The copies of one transfer are views of one
-    buffer; writing them clones each (_cpu), as safetensors refuses shared storage."""
-    out: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[tuple, list[int]] = {}
-    for i, t in enumerate(tensors):
-        if t.device.type == "cpu":
-            out[i] = t.detach().clone()
-        else:
-            groups.setdefault((t.device, t.dtype), []).append(i)
-    for members in groups.values():
-        flat = torch.cat([tensors[i].detach().reshape(-1) for i in members]).cpu()
-        parts = flat.split([tensors[i].numel() for i in members])
-        for i, part in zip(members, parts, strict=True):
-            out[i] = part.view(tensors[i].shape)
-    return out
+_COPY_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _COPY_STREAMS:
+        _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[device]
 
 
 class BackgroundWriter:

@@ -32,12 +32,11 @@ from kit.metrics import accuracy, log_loss
 from kit.train import distributed
 from kit.train.checkpoint import (
     BackgroundWriter,
-    host_copies,
+    HostTransfer,
     load_optimizer,
     load_training_state,
     save_training_state,
     save_weights,
-    snapshot,
 )
 from kit.train.cuda_graph import GraphedStep
 from kit.train.runtime import autocast
@@ -68,6 +67,34 @@ class EMA:
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
         # one multi-tensor copy, not a launch per BatchNorm buffer (a small model's step is launch-bound)
         torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+
+
+class LossReadout:
+    """The progress bar's loss without stalling the device: a step's loss is copied to the host behind the
+    steps already queued, and shown once it has arrived. Reading it at once (`.item()`) drained the CUDA
+    queue every 10 steps, leaving the GPU idle while the host queued the next step."""
+
+    def __init__(self):
+        self._host: torch.Tensor | None = None
+        self._event = None
+
+    def send(self, loss: torch.Tensor) -> None:
+        if self._host is not None:  # the last one has not been shown yet: keep it
+            return
+        if loss.device.type == "cuda":
+            self._host = torch.empty((), dtype=loss.dtype, pin_memory=True)
+            self._host.copy_(loss.detach(), non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = loss.detach().clone()
+
+    def ready(self) -> bool:
+        return self._host is not None and (self._event is None or self._event.query())
+
+    def value(self) -> float:
+        value, self._host, self._event = float(self._host), None, None
+        return value
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
@@ -224,6 +251,7 @@ class FoldTrainer:
         started_at = time.time()
         total, count, wait, start = torch.zeros((), device=self.device), 0, 0.0, time.perf_counter()
         bar = progress_bar(total=len(loader), desc=desc, unit="batch")
+        shown = LossReadout()
         tick = time.perf_counter()
         for step, (images, labels) in enumerate(loader):
             fetched = time.perf_counter()
@@ -235,11 +263,15 @@ class FoldTrainer:
             count += len(images)
             bar.update()
             if step % 10 == 0:
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                shown.send(loss)
+            if shown.ready():
+                bar.set_postfix(loss=f"{shown.value():.4f}")
             tick = time.perf_counter()
-        bar.close()
+        # the epoch ends when its last step has run on the device, not when the host has queued it
+        total = float(total)
         seconds = time.perf_counter() - start
-        total, count = distributed.all_sum([float(total), count], self.device)  # every rank's images
+        bar.close()
+        total, count = distributed.all_sum([total, count], self.device)  # every rank's images
         return {
             "train_loss": total / max(count, 1),
             "seconds": round(seconds, 3),
@@ -288,26 +320,33 @@ class FoldTrainer:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
         self.epoch += 1
         best = None
+        transfer = HostTransfer()  # the copies fill in the background; the writer waits for them, not this thread
         if keeps_weights(self.cfg, improved, self.epoch >= self.cfg.epochs or self.stopped):
-            best = snapshot(self.eval_model.state_dict())
+            best = transfer.snapshot(self.eval_model.state_dict())
             self.kept_epoch = row["epoch"]
         if not distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
             return self.stopped
         parts, meta = self.state()
         meta = copy.deepcopy(meta)  # the history goes on growing while the writer serialises this
-        parts = {name: part if name == "optimizer" else snapshot(part) for name, part in parts.items()}
-        parts["optimizer"] = _host_optimizer_state(parts["optimizer"])
+        parts = {name: part if name == "optimizer" else transfer.snapshot(part) for name, part in parts.items()}
+        parts["optimizer"] = _host_optimizer_state(parts["optimizer"], transfer)
         history = self.history.csv()
         best_meta = {"epoch": str(row["epoch"]), "ema": str(self.ema is not None)}
 
         def write_state() -> None:
+            transfer.wait()
             save_training_state(fold_dir / CHECKPOINT, parts, meta)
             # after the checkpoint: an epoch history.csv shows is never lost to a kill
             write_text(fold_dir / "history.csv", history)
 
         jobs = {"state": write_state}
         if best is not None:
-            jobs["weights"] = lambda: save_weights(fold_dir / WEIGHTS, best, best_meta)
+
+            def write_weights() -> None:
+                transfer.wait()
+                save_weights(fold_dir / WEIGHTS, best, best_meta)
+
+            jobs["weights"] = write_weights
         self.writer.submit(jobs)
         return self.stopped
 
@@ -322,10 +361,11 @@ class FoldTrainer:
         return bool(patience) and self.epoch - 1 - self.history.best_epoch >= patience
 
 
-def _host_optimizer_state(state: dict) -> dict:
-    """The optimizer's state dict with its tensors copied to the host now (moments, step counts)."""
+def _host_optimizer_state(state: dict, transfer: HostTransfer) -> dict:
+    """The optimizer's state dict with its tensors' host copies as they are now (moments, step counts),
+    filled once transfer.wait() returns."""
     where = [(i, k) for i, slot in state["state"].items() for k, v in slot.items() if torch.is_tensor(v)]
-    copies = dict(zip(where, host_copies([state["state"][i][k] for i, k in where]), strict=True))
+    copies = dict(zip(where, transfer.copies([state["state"][i][k] for i, k in where]), strict=True))
     slots = {i: {k: copies.get((i, k), v) for k, v in slot.items()} for i, slot in state["state"].items()}
     return {"state": slots, "param_groups": copy.deepcopy(state["param_groups"])}
 

@@ -65,6 +65,10 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     feed = fold_feed(cfg, device, paths, cached_images(cfg, paths, root), rows, labels)
     steps = max(1, len(rows["train"]) // cfg.batch_size)
     trainer = FoldTrainer(cfg, model, {"mean": cfg.mean, "std": cfg.std}, device, steps)
+    if warm.running and len(
+        folds.test
+    ):  # the test rows' cache too, which the fold's end needs, while cuDNN still compiles
+        cached_images(cfg, folds.test["path"].tolist(), root)
     warm.wait()
     trainer.warmup = warm  # its summary joins the note on a slow first step
     return trainer, feed, labels
