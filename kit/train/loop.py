@@ -319,13 +319,13 @@ class FoldTrainer:
         if improved:
             self.history.best_loss, self.history.best_epoch = valid_loss, row["epoch"]
         self.epoch += 1
-        best = None
-        transfer = HostTransfer()  # the copies fill in the background; the writer waits for them, not this thread
-        if keeps_weights(self.cfg, improved, self.epoch >= self.cfg.epochs or self.stopped):
-            best = transfer.snapshot(self.eval_model.state_dict())
+        keep = keeps_weights(self.cfg, improved, self.epoch >= self.cfg.epochs or self.stopped)
+        if keep:
             self.kept_epoch = row["epoch"]
         if not distributed.is_main():  # under --ddp every rank holds the same state; rank 0 writes it
             return self.stopped
+        transfer = HostTransfer()  # the copies fill in the background; the writer waits for them, not this thread
+        best = transfer.snapshot(self.eval_model.state_dict()) if keep else None
         parts, meta = self.state()
         meta = copy.deepcopy(meta)  # the history goes on growing while the writer serialises this
         parts = {name: part if name == "optimizer" else transfer.snapshot(part) for name, part in parts.items()}
