@@ -100,6 +100,7 @@ class Bundle:
         names["unpack"](self.folder)
         sys.path.insert(0, str(self.folder))
         self.cli = importlib.import_module(names["PACKAGE"] + ".infer.cli")
+        self.streams = importlib.import_module(names["PACKAGE"] + ".infer.streams")
         test = json.loads(gzip.decompress(base64.b64decode(names["TEST_TABLE"])))
         self.bundle = {**names["BUNDLE"], "test": test}
         self.here = infer_py.parent
@@ -137,6 +138,7 @@ def main() -> None:
     p.add_argument("--folds", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
+    p.add_argument("--decode-workers", type=int, nargs="*", default=[], help="decoders alone at these worker counts")
     args = p.parse_args()
     args.workers = decode_workers(args.workers)
     root = args.root / f"{args.model}_{args.img_size}_{args.images}_k{args.folds}"
@@ -146,6 +148,7 @@ def main() -> None:
     make_run(root, args)
     built = build_bundle(root, RUN, device=args.device)
     bundle = Bundle(built.path / "infer.py")
+    streaming = StreamClock([importlib.import_module("kit.infer.streams"), bundle.streams])
     outs = {"kit": root / "kit.csv", "bundle": root / "bundle.csv"}
     sides = {
         "kit": lambda: predict_folder(root, RUN, images, outs["kit"]),
@@ -154,13 +157,64 @@ def main() -> None:
     for fn in sides.values():  # warm-up: first CUDA/oneDNN kernels, page cache
         fn()
     seconds: dict[str, list[float]] = {name: [] for name in sides}
+    streamed: dict[str, list[float]] = {name: [] for name in sides}
     for r in range(args.rounds):  # the side that goes first alternates: neither always meets a warmer cache
         for name in sorted(sides, reverse=bool(r % 2)):
+            streaming.seconds = 0.0
             seconds[name].append(timed(sides[name]))
+            streamed[name].append(streaming.seconds)
     report(args, root, seconds, float(np.abs(read_values(outs["kit"]) - read_values(outs["bundle"])).max()))
+    for name, values in streamed.items():  # the rest of a call: imports done, its fixed costs
+        best = min(values)
+        rest = min(seconds[name]) - best
+        print(f"{name}: streaming {best:.2f} s ({args.images / best:.1f} images/s), the rest of the call {rest:.2f} s")
+    for workers in args.decode_workers:
+        decoders_alone(images, args, workers)
     per_fold_path(root, images, read_values(outs["kit"]), args)
     models_alone(root, args)
     as_a_user_runs_it(built, images, root / "fresh.csv", args)
+
+
+class StreamClock:
+    """Seconds inside kit.infer.streams.stream (kit's module and the bundle's embedded copy): each image's
+    decode and every model's forwards, without the call's fixed costs (manifest, model builds, CSV)."""
+
+    def __init__(self, modules: list):
+        self.seconds = 0.0
+        for module in modules:
+            module.stream = self.wrap(module.stream)
+
+    def wrap(self, stream):
+        def timed_stream(*a, **k):
+            start = time.perf_counter()
+            try:
+                return stream(*a, **k)
+            finally:
+                self.seconds += time.perf_counter() - start
+
+        return timed_stream
+
+
+def decoders_alone(images: Path, args: argparse.Namespace, workers: int) -> None:
+    """kit's prediction loader with no model: decode, resize, pinned copy to the device (the other ceiling)."""
+    from kit.infer.images import ImageFiles, image_batches, prefetch_batches
+    from kit.infer.streams import CHUNK, device_batches
+    from kit.train.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    paths = sorted(str(p) for p in images.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    dataset = ImageFiles(paths, args.img_size).decoded_for(device)  # as decode-once streams them
+    chunk = min(args.batch_size, CHUNK)
+    ahead = prefetch_batches(chunk, 2 * args.img_size if dataset.decoded else args.img_size, workers)
+
+    def run() -> None:
+        loader = image_batches(dataset, chunk, workers, device, ahead)
+        for _ in device_batches(loader, args.batch_size, device, args.img_size):
+            pass
+
+    seconds = timed(run)
+    where = "resized on the GPU" if dataset.decoded else "resized by Pillow in the workers"
+    print(f"decoders alone, {workers} workers, {where}: {seconds:.2f} s ({len(paths) / seconds:.1f} images/s)")
 
 
 def per_fold_path(root: Path, images: Path, decoded_once: np.ndarray, args: argparse.Namespace) -> None:

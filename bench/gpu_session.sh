@@ -23,7 +23,8 @@ python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backen
 
 # the files holding GPU tests (the other test modules import packages the GPU machine lacks: bitsandbytes, ...)
 GPU_TESTS=(tests/test_tta_views.py tests/test_probe_logreg.py tests/test_host_copies.py tests/test_cuda_graph.py
-    tests/test_cudnn_warmup.py tests/test_graphed_forward.py tests/test_bundle_rates.py tests/test_loss_readout.py)
+    tests/test_cudnn_warmup.py tests/test_graphed_forward.py tests/test_bundle_rates.py tests/test_loss_readout.py
+    tests/test_pillow_resize.py)
 
 for step in "$@"; do
     start=$(date +%s)
@@ -37,7 +38,7 @@ for step in "$@"; do
             && cp /tmp/e2e-kit/elpv/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
         # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
         bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
-            --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" ;;
+            --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" --decode-workers ${DECODE_WORKERS:-} ;;
         # a fresh process's first lite0 step under layouts and precisions (cuDNN's run-time compiled kernels)
         first-step) python bench/first_step.py --procs 1 --variants ${FIRST_STEP:-default thread_warm fp32 nchw nchw_fp32} ;;
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;

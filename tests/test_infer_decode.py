@@ -169,7 +169,7 @@ def test_chunks_from_the_workers_are_joined_into_batches_of_the_members_size(set
     import kit.infer.streams
 
     chunks = [(torch.arange(r, r + n).view(n, 1), [""] * n) for r, n in ((0, 3), (3, 3), (6, 3), (9, 1))]
-    batches = list(kit.infer.streams.device_batches(chunks, 4, CPU))
+    batches = list(kit.infer.streams.device_batches(chunks, 4, CPU, 1))
     assert [b.flatten().tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     weights, paths, nodes = setup
     monkeypatch.setattr(kit.infer.streams, "CHUNK", 2)  # batches of 3 from chunks of 2, over 2 workers

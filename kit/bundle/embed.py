@@ -33,6 +33,7 @@ CORE = [
     "infer/graphed_forward.py",
     "infer/images.py",
     "infer/manifest.py",
+    "infer/pillow_resize.py",
     "infer/predict.py",
     "infer/probe_predict.py",
     "infer/progress.py",

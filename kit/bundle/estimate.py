@@ -101,7 +101,7 @@ def stream(size: int, members: list, n: int, sample: list[str], device: torch.de
         seconds = n * views / timed.rate
         models += seconds
         lines.append(f"  {node['key']}: {timed.rate:.1f} images/s x {n} images x {how} = {_s(seconds)}")
-    per_image = rates.decode_seconds(sample, size) if sample else 0.0
+    per_image = rates.decode_seconds(sample, size, device) if sample else 0.0
     decode = n * per_image
     # on a GPU the main process keeps a core busy launching kernels; on the CPU the formula below shares them
     lanes = max(1, min(workers, cores - 1 if device.type == "cuda" else cores))

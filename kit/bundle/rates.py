@@ -2,7 +2,7 @@
 
 startup_seconds(("torch", "timm"))       # a fresh interpreter importing what infer.py imports
 hash_rate(Path("weights/x.safetensors"))  # sha256 bytes/s, one thread, reading the file
-decode_seconds(paths, 224)                # one core's seconds per image: Pillow decode + resize
+decode_seconds(paths, 224, device)        # one core's seconds per image: decode (+ Pillow's resize off CUDA)
 loader_start_seconds(paths, 224, 8)       # starting and stopping 8 decoding workers
 timed = time_timm_member(spec, weights, device)  # build, load, first batch, images/s
 """
@@ -52,11 +52,12 @@ def hash_rate(path: Path | None) -> float:
     return done / max(time.perf_counter() - start, 1e-9)
 
 
-def decode_seconds(paths: list[str], size: int) -> float:
-    """One core's seconds per image to decode and resize to `size` (kit.infer.images.ImageFiles)."""
+def decode_seconds(paths: list[str], size: int, device: torch.device | None = None) -> float:
+    """One core's seconds per image to decode and resize to `size` (kit.infer.images.ImageFiles), as a
+    worker does for `device` (on CUDA it decodes only: the GPU resizes)."""
     from kit.infer.images import ImageFiles
 
-    dataset = ImageFiles(paths, size)
+    dataset = ImageFiles(paths, size).decoded_for(device or torch.device("cpu"))
     dataset[0]  # first-call costs (Pillow's plugins) are paid once per worker, not per image
     start = time.perf_counter()  # a mean, not a median: photos of a test set differ in size
     for i in range(len(dataset)):

@@ -1,11 +1,12 @@
 """Decode each test image once per resolution, and feed that one batch to every model of the resolution.
 
 The timm members of a recipe tree and the probes' frozen timm encoders are grouped by input size. For
-each size one loader streams the images (workers decode, pinned memory), each uint8 batch goes to the
-device once, and every fold model with every TTA view of its member (`tta_logp`, through TimmFold.logp)
-and every encoder runs on it. Outputs stay on the device until the stream ends, so no batch waits for a
-host copy. The fold models of a size stay on the device together; when their weights exceed the memory
-budget they are split into groups, each group streaming the images once more (`Decodes` says so).
+each size one loader streams the images (workers decode, pinned memory; on CUDA the GPU resizes them,
+kit.infer.images.to_device), each uint8 batch goes to the device once, and every fold model with every
+TTA view of its member (`tta_logp`, through TimmFold.logp) and every encoder runs on it. Outputs stay on
+the device until the stream ends, so no batch waits for a host copy. The fold models of a size stay on
+the device together; when their weights exceed the memory budget they are split into groups, each group
+streaming the images once more (`Decodes` says so).
 
     decodes = decode_once(tree, paths, ctx)   # fills ctx.done (timm runs) and ctx.features (probe encoders)
 """
@@ -22,7 +23,7 @@ import numpy as np
 import torch
 
 from kit.errors import KitError
-from kit.infer.images import ImageFiles, image_batches, prefetch_batches
+from kit.infer.images import ImageFiles, image_batches, prefetch_batches, to_device
 from kit.infer.progress import progress
 from kit.infer.timm_predict import TimmFold, build_timm_model, pad_rows, prediction_rows, raise_bad_image
 from kit.preds import mean_in_prob_space
@@ -145,15 +146,16 @@ def build(jobs: list[Job], device: torch.device) -> list[Callable[[torch.Tensor]
     return out
 
 
-def device_batches(loader, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """uint8 batches of exactly `batch_size` rows (the last one fewer) on the device, in order, from the
-    loader's chunks: each chunk is copied once, asynchronously, and joined to the others on the device."""
+def device_batches(loader, batch_size: int, device: torch.device, size: int) -> Iterator[torch.Tensor]:
+    """uint8 batches [B, 3, size, size] of exactly `batch_size` rows (the last one fewer) on the device, in
+    order, from the loader's chunks: each chunk is copied once, asynchronously (resized there when it
+    travels decoded), and joined to the others on the device."""
     pending: list[torch.Tensor] = []
     rows = 0
     for images, extra in loader:
         raise_bad_image(extra)
-        pending.append(images.to(device, non_blocking=True))
-        rows += len(images)
+        pending.append(to_device(images, size, device))
+        rows += len(pending[-1])  # a Packed chunk's len is its two fields, not its images
         while rows >= batch_size:
             joined = pending[0] if len(pending) == 1 else torch.cat(pending)
             yield joined[:batch_size]
@@ -182,12 +184,13 @@ def stream(
     """
     if not len(dataset):
         raise KitError("no images to predict")
-    chunk = min(batch_size, CHUNK)
-    prefetch = prefetch_batches(chunk, dataset.transform.size, workers)
+    chunk, size = min(batch_size, CHUNK), dataset.transform.size
+    # a decoded photo is some 4x the pixels of its resized self: fewer chunks ahead in shared memory
+    prefetch = prefetch_batches(chunk, 2 * size if getattr(dataset, "decoded", False) else size, workers)
     loader = image_batches(dataset, chunk, workers, device, prefetch)
     outs: list[torch.Tensor | None] = [None] * len(models)
     start = 0
-    for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device):
+    for images in device_batches(progress(loader, desc, unit="chunk"), batch_size, device, size):
         stop = start + len(images)
         for i, model in enumerate(models):
             y = _in_pieces(model, images, rows[i]) if rows and images.is_cuda else model(images)
@@ -229,6 +232,7 @@ def decode_once(tree: dict, paths: list[str], ctx) -> Decodes:
             )
         for g, group in enumerate(groups):
             dataset = ctx.images(paths, size) if ctx.images is not None else ImageFiles(paths, size)
+            dataset = dataset.decoded_for(ctx.device) if isinstance(dataset, ImageFiles) else dataset
             batch = stream_batch(group, ctx.device, ctx.batch_size)
             part = f" (part {g + 1}/{len(groups)})" if len(groups) > 1 else ""
             models = build(group, ctx.device)
