@@ -7,13 +7,15 @@
 #   SWEEP="l0_e10 l0_e20_mix" bash bench/gpu_session.sh sweep   # bench/demo_sweep.py, 4 variants at a time
 #   bash bench/gpu_session.sh first-step              # bench/first_step.py's variants (~1 min)
 #   bash bench/gpu_session.sh bundle                  # bench/bench_bundle.py on CUDA: infer.py against kit predict
+#   bash bench/gpu_session.sh parts                   # bench/predict_parts.py: a prediction batch's GPU time (~1 min)
+#   bash bench/gpu_session.sh e2e-b                   # bench_e2e case (b): 25k JPEGs, convnext_base@384 (~5 min)
 #
 # Steps run in the order given; each writes what it printed to $OUT/<step>.txt (the device tool returns
 # $OUT) as it goes, so a call cut short by its limit still returns what finished. GPU_CHECK_LIMIT (photos
 # for the GPU check, default 1200) shortens it.
 set -uo pipefail
 for step in "$@"; do  # every step named right before any runs
-    case "$step" in tests|check|e2e|e2e-kit|demo|sweep|first-step|bundle) ;; *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, demo, sweep, first-step, bundle)"; exit 2 ;; esac
+    case "$step" in tests|check|e2e|e2e-kit|e2e-b|demo|sweep|first-step|bundle|parts) ;; *) echo "gpu_session: unknown step $step (tests, check, e2e, e2e-kit, e2e-b, demo, sweep, first-step, bundle, parts)"; exit 2 ;; esac
 done
 source "$(dirname "$0")/../.gpu-demo/env.sh"
 OUT=${OUT:-/tmp/gpu-session}
@@ -36,6 +38,9 @@ for step in "$@"; do
             && cp /tmp/e2e/elpv/kit_stderr.txt "$OUT/e2e.kit_stderr.txt" ;;
         e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" \
             && cp /tmp/e2e-kit/elpv/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
+        e2e-b) python bench/bench_e2e.py --case jpegs --work /tmp/e2e-b --out "$OUT/e2e-b.json" \
+            && cp /tmp/e2e-b/jpegs/kit_stderr.txt "$OUT/e2e-b.kit_stderr.txt" ;;
+        parts) python bench/predict_parts.py --model efficientnet_lite0 --folds 5 --rows ${PARTS_ROWS:-64 128 256} ;;
         # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
         bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
             --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" --decode-workers ${DECODE_WORKERS:-} ;;
