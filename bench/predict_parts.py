@@ -4,18 +4,22 @@ bench_bundle's models-alone line is the ceiling of decode-once prediction; this 
 in one process, with kit's own prediction call (`tta_logp`: normalise, each view, graphed forward, softmax):
 
 - models alone at `--rows` rows per forward (each new size pays cuDNN's planning once, untimed);
-- the same with the weights already bf16 (what autocast otherwise casts inside every replayed forward);
+- the same with conv and linear weights already bf16 (what autocast casts inside every replayed forward);
 - Pillow's bicubic resize on the GPU (kit.infer.pillow_resize) of decoded 512x384 photos, per image;
-- the pinned host-to-device copy of those decoded photos, per image.
+- the pinned host-to-device copy of those decoded photos, per image;
+- the whole stream (kit.infer.streams.stream: workers decode, GPU resize, every model) over `--jpegs`
+  synthetic 512x384 JPEGs at each of `--stream-workers` decoding processes.
 
-    python bench/predict_parts.py --model efficientnet_lite0 --folds 5 --rows 64 128 256
+    python bench/predict_parts.py --model efficientnet_lite0 --folds 5 --rows 64 128 256 --stream-workers 8 16
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -48,6 +52,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, nargs="+", default=[64, 128, 256])
     p.add_argument("--tta", nargs="+", default=["none", "hflip"])
     p.add_argument("--images", type=int, default=8192)
+    p.add_argument("--jpegs", type=Path, default=Path(tempfile.gettempdir()) / "kit-predict-parts")
+    p.add_argument("--stream-workers", type=int, nargs="*", default=[])
     args = p.parse_args()
     assert all(view in VIEWS for view in args.tta)
     device, size = torch.device("cuda"), args.img_size
@@ -79,10 +85,14 @@ def main() -> None:
     for rows in args.rows:
         per_image, planned = models(rows, folds)
         print(f"models alone, {rows} rows: {1 / per_image:,.0f} test images/s ({planned:.1f} s to plan and capture)")
-    halves = [copy.deepcopy(net).to(torch.bfloat16) for net in folds]
+    halves = [copy.deepcopy(net) for net in folds]
+    for net in halves:  # what autocast casts at every forward, cast once (batch norms stay float32)
+        for module in net.modules():
+            if isinstance(module, torch.nn.Conv2d | torch.nn.Linear):
+                module.to(torch.bfloat16)
     for rows in args.rows[:1]:
         per_image, _ = models(rows, halves)
-        print(f"models alone, {rows} rows, weights already bf16: {1 / per_image:,.0f} test images/s")
+        print(f"models alone, {rows} rows, conv and linear weights already bf16: {1 / per_image:,.0f} test images/s")
 
     order = pillow_order()
     decoded = torch.randint(0, 256, (32, 384, 512, 3), dtype=torch.uint8).pin_memory()
@@ -91,6 +101,28 @@ def main() -> None:
     copy_in = gpu_seconds(lambda: decoded.to(device, non_blocking=True), 20) / len(decoded)
     print(f"GPU resize 512x384 -> {size}: {resize * 1e6:.0f} us per image ({1 / resize:,.0f} images/s)")
     print(f"pinned copy of a decoded 512x384 photo: {copy_in * 1e6:.0f} us per image ({1 / copy_in:,.0f} images/s)")
+    if args.stream_workers:
+        streams(args, folds, normalize, device)
+
+
+def streams(args: argparse.Namespace, folds: list, normalize, device: torch.device) -> None:
+    """decode-once's stream as infer.py runs it (the models at their 64 rows), at several worker counts."""
+    from kit.bench import write_jpegs
+    from kit.infer.images import ImageFiles
+    from kit.infer.streams import stream
+    from kit.infer.timm_predict import tta_logp
+
+    rows = args.rows[0]
+    paths = sorted(str(p) for p in args.jpegs.glob("*.jpg"))
+    if len(paths) != args.images:
+        paths = write_jpegs(args.jpegs, args.images)
+    models = [lambda x, net=net: tta_logp(net, x, normalize, args.tta, "auto", rows, "auto") for net in folds]
+    for workers in args.stream_workers:
+        dataset = ImageFiles(paths, args.img_size).decoded_for(device)
+        tick = time.perf_counter()
+        stream(models, dataset, rows, workers, device, f"{workers} workers", [rows] * len(models))
+        seconds = time.perf_counter() - tick
+        print(f"stream, {workers} workers, {rows} rows: {seconds:.2f} s ({len(paths) / seconds:,.0f} images/s)")
 
 
 if __name__ == "__main__":
