@@ -22,6 +22,7 @@ from kit.infer.cudnn_warmup import warm_up
 from kit.infer.graphed_forward import forward
 from kit.infer.images import ImageFiles, image_batches
 from kit.infer.progress import progress
+from kit.train.runtime import autocast_dtype
 
 # The eight symmetries of the square (the dihedral group), each a function of NCHW batches: flips suit
 # left-right symmetric photos, the rotations and diagonal flips rotation-invariant data (cells, tissue).
@@ -77,6 +78,24 @@ class Normalizer(torch.nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = (images.float() - self.mean) * self.inv_std
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def cast_for_autocast(model: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
+    """A prediction model's convolution and linear weights cast once to the autocast dtype, in place.
+
+    Autocast casts them at every forward, and a replayed graph (kit.infer.graphed_forward, whose capture
+    turns autocast's weight cache off) repeats the ~100 cast kernels of a Lite0 forward at every batch.
+    Autocast casts a float32 weight with the same rounding and keeps its layout, and leaves a tensor of
+    its dtype as it is, so the forward computes the same numbers, bit for bit: kit's own predictions
+    (float32 weights, cast as they go) and the bundle's agree. Batch norms keep their float32 weights, as
+    autocast keeps them. Only layers whose forward is torch's own are cast: a subclass may use its weight
+    outside autocast's casts (timm's StdConv2d normalises it first). Nothing to do without autocast."""
+    if dtype is None:
+        return model
+    for module in model.modules():
+        if type(module).forward in (torch.nn.Conv2d.forward, torch.nn.Linear.forward):
+            module.to(dtype)
+    return model
 
 
 def raise_bad_image(extra) -> None:
@@ -227,7 +246,8 @@ class TimmFold:
         channels_last = use_channels_last(spec["channels_last"], device)
         # eval once here: the decode-once path feeds batches to `logp` directly, with no predict_logp around it
         memory_format = torch.channels_last if channels_last else torch.preserve_format
-        self.model = model.eval().to(device, memory_format=memory_format)
+        model = model.eval().to(device, memory_format=memory_format)
+        self.model = cast_for_autocast(model, autocast_dtype(device, spec["precision"]))
         self.normalize = Normalizer(spec["mean"], spec["std"], channels_last).to(device)
         # on CUDA: the forward's cuDNN kernels, on many threads at once (a process's first fold only)
         size = spec["img_size"]

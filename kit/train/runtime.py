@@ -53,12 +53,18 @@ def keep_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
 
 
-def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
-    """bf16 autocast on CUDA by default; fp32 elsewhere (CPU bf16 is slower than fp32 on most CPUs).
-    cache_enabled=False for a step captured as a CUDA graph (kit.train.cuda_graph)."""
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """bf16 on CUDA by default; None (fp32) elsewhere (CPU bf16 is slower than fp32 on most CPUs)."""
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache_enabled)
+    return torch.bfloat16 if use_bf16 else None
+
+
+def autocast(device: torch.device, precision: str, cache_enabled: bool = True):
+    """Autocast to `autocast_dtype` (none for fp32). cache_enabled=False for a step captured as a CUDA
+    graph (kit.train.cuda_graph)."""
+    dtype = autocast_dtype(device, precision)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=cache_enabled)
     return contextlib.nullcontext()
 
 
