@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
     p.add_argument("--decode-workers", type=int, nargs="*", default=[], help="decoders alone at these worker counts")
     args = p.parse_args()
-    args.workers = decode_workers(args.workers)
+    args.workers = decode_workers(args.workers, torch.device(args.device))  # as infer.py's default
     root = args.root / f"{args.model}_{args.img_size}_{args.images}_k{args.folds}"
     images = root / "data" / "test"
     if not (root / "folds" / "classes.json").is_file():

@@ -73,7 +73,8 @@ def _predict_timm(root: Path, run: str, cfg: TrainConfig, done: list[int], paths
         cache, rows = _cache_for(cfg, paths, root)
         return ImageFiles(paths, size, cache, rows)
 
-    ctx = Context(root, resolve_device(cfg.device), decode_workers(cfg.workers), images=images)
+    device = resolve_device(cfg.device)
+    ctx = Context(root, device, decode_workers(cfg.workers, device), images=images)
     return predict_tree(node, paths, ctx)
 
 

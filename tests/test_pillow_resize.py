@@ -116,6 +116,19 @@ def test_only_cuda_without_a_cache_takes_the_decoded_path(photos):
     assert not ImageFiles(photos, 32, cache).decoded_for(torch.device("cuda")).decoded  # cached rows: resized
 
 
+def test_workers_that_only_decode_default_to_half_the_cores(monkeypatch):
+    import kit.infer.images as images
+
+    monkeypatch.setattr(images, "usable_cores", lambda: 12)
+    assert images.decode_workers(-1) == images.decode_workers(-1, torch.device("cpu")) == 12
+    assert images.decode_workers(-1, torch.device("cuda")) == 6  # the GPU resizes: half decode
+    assert images.decode_workers(3, torch.device("cuda")) == 3  # a number asked for is kept
+    monkeypatch.setattr(images, "usable_cores", lambda: 40)
+    assert images.decode_workers(-1) == images.MAX_WORKERS and images.decode_workers(-1, torch.device("cuda")) == 8
+    monkeypatch.setattr(images, "pillow_order", lambda: None)  # a Pillow not reproduced: workers resize
+    assert images.decode_workers(-1, torch.device("cuda")) == images.MAX_WORKERS
+
+
 @pytest.mark.gpu
 @cuda
 def test_resize_on_cuda_equals_pillow_and_the_stream_uses_it(photos):

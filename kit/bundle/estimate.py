@@ -94,7 +94,7 @@ def _passes(node: dict) -> tuple[int, str]:
 
 def stream(size: int, members: list, n: int, sample: list[str], device: torch.device) -> tuple[float, list[str]]:
     """One input size: the images decoded once while its members' models run."""
-    workers, cores = _decode_workers(), usable_cores()
+    workers, cores = _decode_workers(device), usable_cores()
     lines, models = [], 0.0
     for node, timed in members:
         views, how = _passes(node)
@@ -118,10 +118,10 @@ def stream(size: int, members: list, n: int, sample: list[str], device: torch.de
     return wall + start, [head, *lines]
 
 
-def _decode_workers() -> int:
+def _decode_workers(device: torch.device) -> int:
     from kit.infer.images import decode_workers
 
-    return decode_workers(-1)
+    return decode_workers(-1, device)
 
 
 def vlm_member(node: dict, collected, device: torch.device, n: int, sample: list[str]) -> tuple[float | None, str]:

@@ -42,7 +42,9 @@ def parser(bundle: dict) -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=int, help="images per batch (default: each member's own)")
-    p.add_argument("--workers", type=int, default=-1, help="image-decoding processes (default: cores, at most 16)")
+    p.add_argument(
+        "--workers", type=int, default=-1, help="image-decoding processes (default: cores, at most 16; half on CUDA)"
+    )
     p.add_argument("--verify", action="store_true", help="only check the weights against the manifest")
     return p
 
@@ -104,7 +106,7 @@ def predict_csv(args: argparse.Namespace, bundle: dict, weights: Path, bases: di
     if rows.note:
         print(f"note: {rows.note}", file=sys.stderr)
     device = resolve_device(args.device)
-    ctx = Context(weights, device, decode_workers(args.workers), args.batch_size, bases)
+    ctx = Context(weights, device, decode_workers(args.workers, device), args.batch_size, bases)
     logp = predict_tree(bundle["root"], rows.paths, ctx)
     probs = submission_probs(logp, bundle["merge_groups"])
     header = [bundle["id_column"], *bundle["classes"]]
