@@ -33,6 +33,7 @@ from kit.preds import load_predictions
 from kit.train.augment import eval_pipeline
 from kit.train.dataset import image_cache
 from kit.train.driver import run_config, train_run
+from kit.train.loop import EMA
 from kit.train.timm_family import CACHE_DIR, load_predictor
 from kit.train.timm_model import _efficientnet_lite0_package, build_model
 
@@ -320,6 +321,30 @@ def test_an_interrupted_fold_with_ema_mixup_and_grad_accum_resumes_exactly(compe
     np.testing.assert_allclose(
         load_predictions(resumed / "oof.npz").logp, load_predictions(whole / "oof.npz").logp, atol=1e-6, rtol=0
     )
+
+
+def test_ema_averages_a_model_without_buffers(competition, tmp_path):
+    # LayerNorm models (convnext, ViTs) have no BatchNorm buffers: the EMA's multi-tensor buffer copy used to
+    # refuse the empty list and crash the first step (seen on an H200 with convnext_base)
+    model = timm.create_model("test_convnext", num_classes=3)
+    assert not list(model.buffers())
+    ema = EMA(model, decay=0.9)
+    start = [p.detach().clone() for p in ema.module.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model)
+    decay = min(0.9, 2 / 11)  # the warm-up of the decay after one update
+    for ours, before, now in zip(ema.module.parameters(), start, model.parameters(), strict=True):
+        torch.testing.assert_close(ours, before + (1 - decay) * (now - before))
+    summary = train_run(
+        load_config("tiny", overrides=[*RECIPE, "model=test_convnext", "ema_decay=0.9", "epochs=1", "name=cnx"]),
+        folds_root(competition, tmp_path),
+        only_folds=[0],
+    )
+    assert summary.folds_done == [0]
+    oof = load_predictions(summary.run_dir / "fold0" / "oof.npz")
+    np.testing.assert_allclose(np.exp(oof.logp).sum(axis=1), 1.0, atol=1e-5)
 
 
 def test_a_fold_killed_after_early_stopping_does_not_train_on_when_resumed(competition, tmp_path):

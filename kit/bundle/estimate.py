@@ -6,7 +6,7 @@ on the machine that builds the bundle (kit.bundle.rates; a few seconds in all):
 
 - start-up: a fresh interpreter importing torch, timm, ... (transformers and peft for VLM members);
 - weights check: the weight bytes over the sha256 rate, on the check's threads;
-- model builds: per member the architecture once, each fold's weights, the first batch;
+- model builds: per member the architecture once, each fold's weights, the first fold's and batch's extra;
 - images and models: per input size the images decoded once by the workers while every fold model and
   TTA view of that size runs (images x TTA x folds / images per second); on a GPU the two overlap,
   on the CPU they share the cores;
@@ -178,7 +178,7 @@ def estimate(bundle: dict, collected, test_paths: list[str], device: str = "auto
         seconds = timed.build_s + k * timed.load_s + timed.first_s
         parts["model builds"] += seconds
         lines.append(
-            f"{key}: build {_s(timed.build_s)} + {k} x {_s(timed.load_s)} weight load + first batch "
+            f"{key}: build {_s(timed.build_s)} + {k} x {_s(timed.load_s)} weight load + first fold and batch "
             f"{_s(timed.first_s)} = {_s(seconds)}"
         )
         by_size.setdefault(int(node["spec"]["img_size"]), []).append((node, timed))

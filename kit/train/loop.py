@@ -65,8 +65,11 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         ema_params = list(self.module.parameters())
         torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
-        # one multi-tensor copy, not a launch per BatchNorm buffer (a small model's step is launch-bound)
-        torch._foreach_copy_(list(self.module.buffers()), list(model.buffers()))
+        # one multi-tensor copy, not a launch per BatchNorm buffer (a small model's step is launch-bound);
+        # LayerNorm models (convnext, ViTs) have no buffers, and torch refuses an empty list
+        buffers = list(self.module.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
 
 
 class LossReadout:
