@@ -38,8 +38,8 @@ for step in "$@"; do
             && cp /tmp/e2e/elpv/kit_stderr.txt "$OUT/e2e.kit_stderr.txt" ;;
         e2e-kit) python bench/bench_e2e.py --case elpv --kit-only --work /tmp/e2e-kit --out "$OUT/e2e-kit.json" \
             && cp /tmp/e2e-kit/elpv/kit_stderr.txt "$OUT/e2e-kit.kit_stderr.txt" ;;
-        e2e-b) python bench/bench_e2e.py --case jpegs --work /tmp/e2e-b --out "$OUT/e2e-b.json" \
-            && cp /tmp/e2e-b/jpegs/kit_stderr.txt "$OUT/e2e-b.kit_stderr.txt" ;;
+        e2e-b) python bench/bench_e2e.py --case jpegs --work /tmp/e2e-b --out "$OUT/e2e-b.json"; rc=$?
+            cp /tmp/e2e-b/jpegs/kit_stderr.txt "$OUT/e2e-b.kit_stderr.txt"; (exit $rc) ;;
         parts) python bench/predict_parts.py --model efficientnet_lite0 --folds 5 --rows ${PARTS_ROWS:-64 128 256} --stream-workers ${STREAM_WORKERS:-16 12 8} ;;
         # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
         bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
