@@ -127,9 +127,12 @@ def test_flip_decisions_from_the_probe_s_view_losses():
     assert decide(nothing, prior) == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
 
 
-def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root):
+def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root, capsys):
     overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "vflip=auto", "rot90=0", "name=flips"]
     summary = train_run(load_config("tiny", overrides), two_fold_root)
+    said = capsys.readouterr().err
+    announced = said.index("kit: hflip, vflip: auto, so a 3-epoch probe on fold 0 decides them")
+    assert announced < said.index("kit: flips from a 3-epoch probe run")  # said before it runs, with how to skip it
     record = read_json(summary.run_dir / SYMMETRY_FILE)
     assert record["probe_epochs"] == 3 and set(record["views_log_loss"]) == set(TTA_VIEWS)
     assert record["decision"] == decide(record["views_log_loss"], record["prior_log_loss"])
@@ -139,6 +142,7 @@ def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root)
     stamp = (summary.run_dir / SYMMETRY_FILE).stat().st_mtime_ns
     train_run(load_config("tiny", overrides), two_fold_root)  # the same command again: accepted, no new probe
     assert (summary.run_dir / SYMMETRY_FILE).stat().st_mtime_ns == stamp
+    assert "probe" not in capsys.readouterr().err
 
 
 def test_bad_flip_values_are_named():

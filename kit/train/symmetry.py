@@ -90,6 +90,14 @@ def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path)
         probe_dir = run_dir / "symmetry_probe"
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
         start = time.perf_counter()
+        auto = ", ".join(k for k in FLIP_KEYS if getattr(cfg, k) == "auto")
+        # said before it runs: on a short run the probe costs as much as a fold (convnext_base, 2 epochs, one
+        # fold on an H200: 144 s of 247), and a user who knows the data's symmetry can skip it
+        print(
+            f"kit: {auto}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on fold 0 decides them "
+            f"(give each a probability, e.g. --set hflip=0.5, to skip it)",
+            file=sys.stderr,
+        )
         record = run_probe(probe_recipe(cfg), family, folds, probe_dir / "fold0", root)
         record["seconds"] = round(time.perf_counter() - start, 1)
         write_json(path, {**record, "recipe": recipe})
