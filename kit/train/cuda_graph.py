@@ -62,7 +62,8 @@ class GraphedStep:
             return self._replay(x, y) if self.fits(x, y) else self._eager(x, y)
         if self.steps == CAPTURE_STEP:
             capture = self.mode is True or (self.launch_ratio or 0.0) >= LAUNCH_BOUND
-            _note_once(f"{self.timing}: {'captured' if capture else 'eager'}" if self.timing else "")
+            if self.timing:  # timed (auto): say what it measured and chose
+                _note_once(f"{self.timing}: {'captured' if capture else 'eager'}")
             if capture:
                 return self._capture(x, y)
             self.disabled = True  # GPU-bound: the trainer's own eager step from now on
@@ -143,6 +144,6 @@ _noted = False
 def _note_once(text: str) -> None:
     """The first fold's graph decision on stderr (the others decide alike): what a user tuning it needs."""
     global _noted
-    if text and not _noted:
+    if not _noted:
         print(f"kit: cuda_graphs auto: {text}", file=sys.stderr)
         _noted = True

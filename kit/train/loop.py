@@ -58,18 +58,18 @@ class EMA:
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        # the average's own tensors, listed once: a resume loads into them in place
+        self.params, self.buffers = list(self.module.parameters()), list(self.module.buffers())
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        ema_params = list(self.module.parameters())
-        torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1 - decay)
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], 1 - decay)
         # one multi-tensor copy, not a launch per BatchNorm buffer (a small model's step is launch-bound);
         # LayerNorm models (convnext, ViTs) have no buffers, and torch refuses an empty list
-        buffers = list(self.module.buffers())
-        if buffers:
-            torch._foreach_copy_(buffers, list(model.buffers()))
+        if self.buffers:
+            torch._foreach_copy_(self.buffers, list(model.buffers()))
 
 
 class LossReadout:

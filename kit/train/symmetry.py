@@ -74,11 +74,11 @@ def resolve_flips(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: P
         return cfg
     if not hasattr(family, "load_view_predictor"):  # families without training flips (vlm, probe)
         return dataclasses.replace(cfg, **dict.fromkeys(auto, 0.0))
-    decision = _decision(cfg, family, folds, Path(run_dir), Path(root))
+    decision = _decision(cfg, auto, family, folds, Path(run_dir), Path(root))
     return dataclasses.replace(cfg, **{key: decision[key] for key in auto})
 
 
-def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path) -> dict[str, float]:
+def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: Path, root: Path) -> dict[str, float]:
     from kit.train.lock import exclusive  # a blocking flock: parallel coordinators wait for one probe
 
     path = run_dir / SYMMETRY_FILE
@@ -90,11 +90,10 @@ def _decision(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path)
         probe_dir = run_dir / "symmetry_probe"
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
         start = time.perf_counter()
-        auto = ", ".join(k for k in FLIP_KEYS if getattr(cfg, k) == "auto")
         # said before it runs: on a short run the probe costs as much as a fold (convnext_base, 2 epochs, one
         # fold on an H200: 144 s of 247), and a user who knows the data's symmetry can skip it
         print(
-            f"kit: {auto}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on fold 0 decides them "
+            f"kit: {', '.join(auto)}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on fold 0 decides them "
             f"(give each a probability, e.g. --set hflip=0.5, to skip it)",
             file=sys.stderr,
         )
