@@ -26,7 +26,7 @@ python -c "import torch; print('torch', torch.__version__, 'cudnn', torch.backen
 # the files holding GPU tests (the other test modules import packages the GPU machine lacks: bitsandbytes, ...)
 GPU_TESTS=(tests/test_tta_views.py tests/test_probe_logreg.py tests/test_host_copies.py tests/test_cuda_graph.py
     tests/test_cudnn_warmup.py tests/test_graphed_forward.py tests/test_bundle_rates.py tests/test_loss_readout.py
-    tests/test_pillow_resize.py tests/test_autocast_weights.py)
+    tests/test_pillow_resize.py tests/test_autocast_weights.py tests/test_feed.py)
 
 for step in "$@"; do
     start=$(date +%s)

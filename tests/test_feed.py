@@ -108,7 +108,30 @@ def test_the_feed_switch():
     epoch = feed.train_epoch(seed=4)
     batches = list(epoch)
     assert len(epoch) == len(batches) == 2 and all(len(b[0]) == 3 for b in batches)  # the ragged batch dropped
+    assert epoch.data_seconds() is None  # off CUDA the host's wait for a batch is the measure
     assert [len(b[0]) for b in feed.valid_batches(512)] == [2]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_an_epoch_s_data_wait_is_the_gpu_s_time_in_its_input():
+    import timm
+
+    from kit.train.loop import FoldTrainer
+
+    cuda, n = torch.device("cuda"), 96
+    cache = images(n, 64).numpy()
+    rows, labels = {"train": np.arange(n), "valid": np.arange(0)}, {"train": np.arange(n) % 3, "valid": np.zeros(0)}
+    cfg = load_config("tiny", ["pipeline=device", "img_size=64", "batch_size=16", "cuda_graphs=false"])
+    feed = fold_feed(cfg, cuda, ["x"] * n, cache, rows, labels)
+    model = timm.create_model("resnet18", num_classes=3)  # a step that outweighs gathering 16 small images
+    trainer = FoldTrainer(cfg, model, {"mean": [0.5] * 3, "std": [0.25] * 3}, cuda, n // 16)
+    trainer.train_epoch(feed.train_epoch(seed=1), "warm-up")  # cuDNN's planning
+    epoch = feed.train_epoch(seed=2)
+    stats = trainer.train_epoch(epoch, "timed")
+    seconds = epoch.data_seconds()
+    assert len(epoch.events) == len(epoch) == 6 and 0 < seconds < 0.5 * stats["seconds"]
+    assert stats["data_wait"] == pytest.approx(seconds / stats["seconds"], abs=0.01)
 
 
 def test_resident_images_take_rows():

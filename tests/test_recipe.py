@@ -22,7 +22,7 @@ from kit.io import read_json
 from kit.metrics import log_loss
 from kit.preds import load_predictions
 from kit.train.driver import run_config, train_run
-from kit.train.symmetry import SYMMETRY_FILE, decide
+from kit.train.symmetry import OUT, SYMMETRY_FILE, decide, probe_folds, probe_rows_share
 
 TINY = ["workers=0", "deterministic=true"]
 
@@ -131,7 +131,7 @@ def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root,
     overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "vflip=auto", "rot90=0", "name=flips"]
     summary = train_run(load_config("tiny", overrides), two_fold_root)
     said = capsys.readouterr().err
-    announced = said.index("kit: hflip, vflip: auto, so a 3-epoch probe on fold 0 decides them")
+    announced = said.index("kit: hflip, vflip: auto, so a 3-epoch probe on 67% of fold 0's rows decides them")
     assert announced < said.index("kit: flips from a 3-epoch probe run")  # said before it runs, with how to skip it
     record = read_json(summary.run_dir / SYMMETRY_FILE)
     assert record["probe_epochs"] == 3 and set(record["views_log_loss"]) == set(TTA_VIEWS)
@@ -143,6 +143,37 @@ def test_the_probe_runs_once_and_its_decision_is_the_run_s_config(two_fold_root,
     train_run(load_config("tiny", overrides), two_fold_root)  # the same command again: accepted, no new probe
     assert (summary.run_dir / SYMMETRY_FILE).stat().st_mtime_ns == stamp
     assert "probe" not in capsys.readouterr().err
+
+
+def test_a_short_run_s_probe_takes_a_stratified_share_of_fold_0(two_fold_root):
+    assert probe_rows_share(15, 5) == 1.0  # the hidden case: 3 probe epochs of 75 fold-epochs, all rows
+    assert probe_rows_share(2, 1) == 0.25  # bench_e2e case (b): one fold of 2 epochs, the probe as long
+    folds = load_folds(two_fold_root)
+    assert probe_folds(folds, 1.0, 0) is folds
+    thinned = probe_folds(folds, 0.5, 0)
+    before, after = folds.fold_of_row, thinned.fold_of_row
+    assert set(np.unique(after)) == {OUT, 0, 1} and (after[after != OUT] == before[after != OUT]).all()
+    for part in (before == 0, before != 0):  # each part keeps half of every class
+        for label in np.unique(folds.labels):
+            rows = part & (folds.labels == label)
+            assert (rows & (after != OUT)).sum() == round(0.5 * rows.sum())
+    assert (probe_folds(folds, 0.5, 0).fold_of_row == after).all()  # the run's seed decides, nothing else
+    assert thinned.train["path"].tolist() == folds.train["path"].tolist()  # the image cache stays the run's
+
+
+def test_one_fold_of_a_short_run_probes_a_third_of_its_rows(two_fold_root, capsys):
+    overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "rot90=0", "vflip=0", "name=short"]
+    cfg = load_config("tiny", overrides)
+    summary = train_run(cfg, two_fold_root, only_folds=[0])
+    assert "kit: hflip: auto, so a 3-epoch probe on 33% of fold 0's rows decides it" in capsys.readouterr().err
+    record = read_json(summary.run_dir / SYMMETRY_FILE)
+    assert record["rows_share"] == round(1 / 3, 4)  # a quarter of 4 fold-epochs, over the probe's 3
+    kept = probe_folds(load_folds(two_fold_root), probe_rows_share(4, 1), cfg.seed).fold_of_row
+    assert record["probe_rows"] == {"train": int((kept == 1).sum()), "valid": int((kept == 0).sum())}
+    assert record["decision"] == decide(record["views_log_loss"], record["prior_log_loss"])
+    train_run(load_config("tiny", overrides), two_fold_root, only_folds=[1])  # the run's other fold: same decision
+    assert read_json(summary.run_dir / SYMMETRY_FILE) == record
+    assert run_config(summary.run_dir).hflip == record["decision"]["hflip"]
 
 
 def test_bad_flip_values_are_named():

@@ -121,12 +121,13 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
     family = get_family(cfg.family)
     cfg = family.resolve_config(copy.deepcopy(cfg), folds)
     run_dir = Path(root) / RUNS_DIR / cfg.name
-    cfg = resolve_flips(cfg, family, folds, run_dir, Path(root))  # `auto` flips: a short probe run decides
+    fold_ids = list(only_folds or range(folds.k))
+    cfg = resolve_flips(cfg, family, folds, run_dir, Path(root), len(fold_ids))  # `auto` flips: a probe decides
     if cfg.lr_find:  # part of resolving: config.json records the rate found, and a resume reads it back
         from kit.train.lr_find import resolve_lr
 
         cfg.lr = resolve_lr(cfg, folds, run_dir, root)
-    return RunPlan(family, cfg, folds, run_dir, list(only_folds or range(folds.k)))
+    return RunPlan(family, cfg, folds, run_dir, fold_ids)
 
 
 def train_fold(family, cfg: TrainConfig, folds: Folds, fold: int, fold_dir: Path, root: Path, on_epoch_end) -> None:

@@ -273,6 +273,8 @@ class FoldTrainer:
         # the epoch ends when its last step has run on the device, not when the host has queued it
         total = float(total)
         seconds = time.perf_counter() - start
+        on_device = getattr(loader, "data_seconds", lambda: None)()  # the GPU feed's own input time
+        wait = wait if on_device is None else on_device
         bar.close()
         total, count = distributed.all_sum([total, count], self.device)  # every rank's images
         return {

@@ -3,9 +3,11 @@
 Mirror and rotation augmentation is free accuracy on photos and cells, and a loss on text, digits or
 oriented scans, where a flipped image is another class or none. So before any fold trains, a short probe
 run (fold 0, no flips, a fifth of the epochs, at least 3) predicts fold 0's validation rows under each of the
-eight views, and a flip is switched on when its view keeps most of what the probe learned:
+eight views, and a flip is switched on when its view keeps most of what the probe learned. A short run (one
+fold of two epochs) would pay as much for the probe as for itself, so the probe trains at most a quarter of
+the run's fold-epochs: on a class-stratified share of fold 0's rows when its epochs would cost more.
 
-    cfg = resolve_flips(cfg, family, folds, run_dir, root)   # hflip/vflip/rot90 become numbers
+    cfg = resolve_flips(cfg, family, folds, run_dir, root, n_folds)   # hflip/vflip/rot90 become numbers
     read_json(run_dir / "symmetry.json")                      # the per-view losses and the decision
 
 The decision (three bits, made by a model that is not fold 0's and shared by all folds) is written to
@@ -32,10 +34,36 @@ SYMMETRY_FILE = "symmetry.json"
 ON = 0.5  # the probability a free flip is applied with
 KEEP = 0.5  # a view is free when it loses at most this share of what the probe learned
 MIN_LEARNED = 0.05  # the probe must beat the class prior by this share of its log loss, or nothing is decided
+# the most the probe trains, as a share of the fold-epochs the run trains: the hidden case (5 folds x 15 epochs)
+# and both demos stay whole (4-12%); case (b) of bench_e2e (one convnext fold, 2 epochs) spent 144 of its 247 s
+PROBE_SHARE = 0.25
+OUT = -1  # the fold of a row the probe leaves out: neither trained on nor scored
 
 
 def probe_epochs(epochs: int) -> int:
     return min(epochs, max(3, round(epochs / 5)))  # 2 epochs left a small model on the cells undecided
+
+
+def probe_rows_share(epochs: int, n_folds: int) -> float:
+    """The share of fold 0's rows the probe uses, so that it trains at most PROBE_SHARE of the run's fold-epochs."""
+    return min(1.0, PROBE_SHARE * n_folds * epochs / probe_epochs(epochs))
+
+
+def probe_folds(folds: Folds, share: float, seed: int) -> Folds:
+    """folds whose fold-0 training and validation rows are each thinned to `share` of every class (at least one
+    row a class); the rows left out get fold OUT. The table keeps every row, so the image cache is the run's."""
+    if share >= 1.0:
+        return folds
+    rng = np.random.default_rng(seed)
+    fold = folds.fold_of_row.copy()
+    for part in (fold == 0, fold != 0):
+        for label in np.unique(folds.labels[part]):
+            rows = np.flatnonzero(part & (folds.labels == label))
+            dropped = rng.permutation(rows)[max(1, round(share * len(rows))) :]
+            fold[dropped] = OUT
+    train = folds.train.copy()
+    train["fold"] = fold
+    return dataclasses.replace(folds, train=train)
 
 
 def probe_recipe(cfg: TrainConfig) -> TrainConfig:
@@ -67,22 +95,26 @@ def prior_log_loss(labels: np.ndarray, train_labels: np.ndarray, n_classes: int)
     return float(-np.log(prior[labels]).mean())
 
 
-def resolve_flips(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path) -> TrainConfig:
-    """cfg with every `auto` flip replaced by a probability (the probe runs once per run)."""
+def resolve_flips(cfg: TrainConfig, family, folds: Folds, run_dir: Path, root: Path, n_folds: int) -> TrainConfig:
+    """cfg with every `auto` flip replaced by a probability (the probe runs once per run; `n_folds`: how many
+    folds this command trains, which bounds what the probe may cost)."""
     auto = [key for key in FLIP_KEYS if getattr(cfg, key) == "auto"]
     if not auto:
         return cfg
     if not hasattr(family, "load_view_predictor"):  # families without training flips (vlm, probe)
         return dataclasses.replace(cfg, **dict.fromkeys(auto, 0.0))
-    decision = _decision(cfg, auto, family, folds, Path(run_dir), Path(root))
+    decision = _decision(cfg, auto, family, folds, Path(run_dir), Path(root), n_folds)
     return dataclasses.replace(cfg, **{key: decision[key] for key in auto})
 
 
-def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: Path, root: Path) -> dict[str, float]:
+def _decision(
+    cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: Path, root: Path, n_folds: int
+) -> dict[str, float]:
     from kit.train.lock import exclusive  # a blocking flock: parallel coordinators wait for one probe
 
     path = run_dir / SYMMETRY_FILE
-    # what the probe computes: a resume on another device or with other workers reuses its decision
+    # what the probe computes: a resume on another device or with other workers reuses its decision, and so does
+    # the same run's command for other folds (its rows' share is not part of it: a run has one decision)
     recipe = {k: v for k, v in to_dict(probe_recipe(cfg)).items() if k not in RESUME_SAFE_KEYS}
     with exclusive(run_dir / ".symmetry.lock"):
         if path.is_file() and read_json(path).get("recipe") == recipe:
@@ -90,14 +122,19 @@ def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: 
         probe_dir = run_dir / "symmetry_probe"
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
         start = time.perf_counter()
-        # said before it runs: on a short run the probe costs as much as a fold (convnext_base, 2 epochs, one
-        # fold on an H200: 144 s of 247), and a user who knows the data's symmetry can skip it
+        share = probe_rows_share(cfg.epochs, n_folds)
+        rows = "fold 0" if share >= 1.0 else f"{share:.0%} of fold 0's rows"
+        them = "them" if len(auto) > 1 else "it"
+        # said before it runs, as it costs up to a quarter of the run, and a user who knows the data's symmetry
+        # can skip it
         print(
-            f"kit: {', '.join(auto)}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on fold 0 decides them "
+            f"kit: {', '.join(auto)}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on {rows} decides {them} "
             f"(give each a probability, e.g. --set hflip=0.5, to skip it)",
             file=sys.stderr,
         )
-        record = run_probe(probe_recipe(cfg), family, folds, probe_dir / "fold0", root)
+        probed = probe_folds(folds, share, cfg.seed)
+        record = run_probe(probe_recipe(cfg), family, probed, probe_dir / "fold0", root)
+        record["rows_share"] = round(share, 4)
         record["seconds"] = round(time.perf_counter() - start, 1)
         write_json(path, {**record, "recipe": recipe})
         flips = ", ".join(f"{k} {v:g}" for k, v in record["decision"].items())
@@ -108,14 +145,15 @@ def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: 
 
 
 def run_probe(probe: TrainConfig, family, folds: Folds, fold_dir: Path, root: Path) -> dict:
-    """Train the probe on fold 0's training rows, score each view on its validation rows, decide."""
+    """Train the probe on fold 0's training rows, score each view on its validation rows, decide (rows of
+    fold OUT take no part)."""
     fold_dir.mkdir(parents=True, exist_ok=True)
     family.fit_fold(probe, folds, 0, fold_dir, root)
-    valid = folds.fold_of_row == 0
+    valid, train = folds.fold_of_row == 0, folds.fold_of_row > 0
     paths = folds.train["path"][valid].tolist()
     logp = family.load_view_predictor(probe, fold_dir.parent, 0, root)(paths, list(TTA_VIEWS))
     losses = view_log_loss(logp, folds.labels[valid], TTA_VIEWS, folds.merge_groups)
-    prior = prior_log_loss(folds.labels[valid], folds.labels[~valid], len(folds.classes))
+    prior = prior_log_loss(folds.labels[valid], folds.labels[train], len(folds.classes))
     learned = prior - losses["none"]
     return {
         "decision": decide(losses, prior),
@@ -126,4 +164,5 @@ def run_probe(probe: TrainConfig, family, folds: Folds, fold_dir: Path, root: Pa
             v: round(1 - (loss - losses["none"]) / learned, 4) if learned > 0 else None for v, loss in losses.items()
         },
         "probe_epochs": probe.epochs,
+        "probe_rows": {"train": int(train.sum()), "valid": int(valid.sum())},
     }
