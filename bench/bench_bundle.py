@@ -28,6 +28,7 @@ import json
 import os
 import re
 import runpy
+import shutil
 import statistics
 import subprocess
 import sys
@@ -139,6 +140,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "kit-bench-bundle")
     p.add_argument("--decode-workers", type=int, nargs="*", default=[], help="decoders alone at these worker counts")
+    p.add_argument("--pyspy", type=Path, help="sample a second fresh `python infer.py` with py-spy into this file")
     args = p.parse_args()
     args.workers = decode_workers(args.workers, torch.device(args.device))  # as infer.py's default
     root = args.root / f"{args.model}_{args.img_size}_{args.images}_k{args.folds}"
@@ -274,11 +276,7 @@ def as_a_user_runs_it(built, images: Path, out: Path, args: argparse.Namespace) 
     command = [sys.executable, str(built.path / "infer.py"), "--images", str(images), "--out", str(out)]
     command += ["--device", args.device, "--workers", str(args.workers)]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the bundle needs no kit
-    start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"python infer.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    seconds, result = _fresh(command, env)
     estimated = float(re.search(r"about ([0-9.]+) s", built.estimate).group(1))
     print(f"python infer.py: {seconds:.2f} s ({args.images / seconds:.1f} test images/s); {result.stdout.strip()}")
     print(f"README estimate: {built.estimate}")
@@ -290,6 +288,27 @@ def as_a_user_runs_it(built, images: Path, out: Path, args: argparse.Namespace) 
 
     rates.startup_seconds.cache_clear()
     print(f"start-up timed again after the run: {estimate.startup(set())[0]:.2f} s")
+    if args.pyspy and shutil.which("py-spy") is None:
+        print("--pyspy: no py-spy on this machine")
+    elif args.pyspy:  # where a fresh process's time goes: sampled, every thread, waits included
+        sampler = ["py-spy", "record", "--threads", "--idle", "--full-filenames", "-r", "100", "-f", "raw"]
+        again, result = _fresh([*sampler, "-o", str(args.pyspy), "--", *command], env)
+        print(f"python infer.py again, under py-spy: {again:.2f} s; {result.stdout.strip().splitlines()[-1:]}")
+        sys.path.insert(0, str(Path(__file__).parent))
+        from pyspy_summary import summarise
+
+        package = re.search(r"^PACKAGE = '([^']+)'", (built.path / "infer.py").read_text(), re.M)[1]
+        with open(args.pyspy) as f:  # the embedded package's frames read as kit's
+            print(summarise((line.replace(f"/{package}/", "/kit/") for line in f), 40))
+
+
+def _fresh(command: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
+    start = time.perf_counter()
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode != 0:
+        raise SystemExit(f"{command[0]} infer.py failed: {result.stderr.strip().splitlines()[-1:]}")
+    return seconds, result
 
 
 def report(args: argparse.Namespace, root: Path, seconds: dict[str, list[float]], diff: float) -> None:

@@ -43,7 +43,7 @@ for step in "$@"; do
         parts) python bench/predict_parts.py --model efficientnet_lite0 --folds 5 --rows ${PARTS_ROWS:-64 128 256} --stream-workers ${STREAM_WORKERS:-16 12 8} ;;
         # infer.py against kit predict: 5 lite0 folds, flip TTA, 8,192 512x384 JPEGs (issue 15's >= 2,000 images/s)
         bundle) python bench/bench_bundle.py --device cuda --model efficientnet_lite0 --folds 5 --images 8192 \
-            --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" --decode-workers ${DECODE_WORKERS:-} ;;
+            --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" --decode-workers ${DECODE_WORKERS:-} ${BUNDLE_ARGS:-} ;;
         # a fresh process's first lite0 step under layouts and precisions (cuDNN's run-time compiled kernels)
         first-step) python bench/first_step.py --procs 1 --variants ${FIRST_STEP:-default thread_warm fp32 nchw nchw_fp32} ;;
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
