@@ -28,6 +28,7 @@ from kit.infer.progress import progress_bar
 from kit.io import read_json, sha256_file, staged_dir, write_json, write_text
 
 FOLDS_DIR = "folds"
+LEFT_OUT = -1  # the fold of a row that neither trains nor validates any fold (the flips probe's thinned rows)
 
 
 @dataclass
@@ -51,6 +52,12 @@ class Folds:
     @property
     def fold_of_row(self) -> np.ndarray:
         return self.train["fold"].to_numpy()
+
+    def split(self, fold: int) -> tuple[np.ndarray, np.ndarray]:
+        """(training rows, validation rows) of `fold`, as indices into `train`; rows of a negative fold
+        (LEFT_OUT) are in neither."""
+        of_row = self.fold_of_row
+        return np.flatnonzero((of_row != fold) & (of_row >= 0)), np.flatnonzero(of_row == fold)
 
 
 @dataclass

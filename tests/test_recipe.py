@@ -17,12 +17,12 @@ from kit.cli import main
 from kit.config import TTA_VIEWS, load_config
 from kit.ensemble import fit_ensemble
 from kit.errors import KitError
-from kit.folds import load_folds, make_folds
+from kit.folds import LEFT_OUT, load_folds, make_folds
 from kit.io import read_json
 from kit.metrics import log_loss
 from kit.preds import load_predictions
 from kit.train.driver import run_config, train_run
-from kit.train.symmetry import OUT, SYMMETRY_FILE, decide, probe_folds, probe_rows_share
+from kit.train.symmetry import SYMMETRY_FILE, decide, probe_folds, probe_rows_share
 
 TINY = ["workers=0", "deterministic=true"]
 
@@ -152,11 +152,11 @@ def test_a_short_run_s_probe_takes_a_stratified_share_of_fold_0(two_fold_root):
     assert probe_folds(folds, 1.0, 0) is folds
     thinned = probe_folds(folds, 0.5, 0)
     before, after = folds.fold_of_row, thinned.fold_of_row
-    assert set(np.unique(after)) == {OUT, 0, 1} and (after[after != OUT] == before[after != OUT]).all()
+    assert set(np.unique(after)) == {LEFT_OUT, 0, 1} and (after[after != LEFT_OUT] == before[after != LEFT_OUT]).all()
     for part in (before == 0, before != 0):  # each part keeps half of every class
         for label in np.unique(folds.labels):
             rows = part & (folds.labels == label)
-            assert (rows & (after != OUT)).sum() == round(0.5 * rows.sum())
+            assert (rows & (after != LEFT_OUT)).sum() == round(0.5 * rows.sum())
     assert (probe_folds(folds, 0.5, 0).fold_of_row == after).all()  # the run's seed decides, nothing else
     assert thinned.train["path"].tolist() == folds.train["path"].tolist()  # the image cache stays the run's
 

@@ -121,17 +121,17 @@ def fit_fold(
 ) -> None:
     start = time.perf_counter()
     train_x, _ = run_features(cfg, folds, Path(fold_dir).parent, root)
-    train = folds.fold_of_row != fold
+    train, valid = folds.split(fold)
     labels = folds.labels
     head = _fit(cfg, train_x[train], labels[train])
     save_weights(Path(fold_dir) / HEAD_FILE, head, {"num_classes": str(cfg.num_classes)})
     logp_train = apply_head(head, train_x[train], cfg.num_classes)
-    logp_valid = apply_head(head, train_x[~train], cfg.num_classes)
+    logp_valid = apply_head(head, train_x[valid], cfg.num_classes)
     row = {
         "epoch": 0,
         "train_loss": log_loss(labels[train], np.exp(logp_train.astype(np.float64))),
         "seconds": round(time.perf_counter() - start, 3),
-        **evaluate(logp_valid, labels[~train]),
+        **evaluate(logp_valid, labels[valid]),
     }
     write_text(Path(fold_dir) / "history.csv", FoldHistory([row]).csv())
     if on_epoch_end is not None:

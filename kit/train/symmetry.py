@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from kit.config import RESUME_SAFE_KEYS, TTA_VIEWS, TrainConfig, to_dict
-from kit.folds import Folds
+from kit.folds import LEFT_OUT, Folds
 from kit.io import read_json, write_json
 from kit.train.tta_choice import view_log_loss
 
@@ -38,7 +38,6 @@ MIN_LEARNED = 0.05  # the probe must beat the class prior by this share of its l
 # and both demos stay whole (4-12%); case (b) of bench_e2e (one convnext fold, 2 epochs) spent 144 of its 247 s
 # in it, and 58 of 164 s with a quarter of the rows (the run's image cache, ~21 s, built inside it either way)
 PROBE_SHARE = 0.25
-OUT = -1  # the fold of a row the probe leaves out: neither trained on nor scored
 
 
 def probe_epochs(epochs: int) -> int:
@@ -52,7 +51,7 @@ def probe_rows_share(epochs: int, n_folds: int) -> float:
 
 def probe_folds(folds: Folds, share: float, seed: int) -> Folds:
     """folds whose fold-0 training and validation rows are each thinned to `share` of every class (at least one
-    row a class); the rows left out get fold OUT. The table keeps every row, so the image cache is the run's."""
+    row a class); the rows left out get fold LEFT_OUT. The table keeps every row, so the image cache is the run's."""
     if share >= 1.0:
         return folds
     rng = np.random.default_rng(seed)
@@ -61,7 +60,7 @@ def probe_folds(folds: Folds, share: float, seed: int) -> Folds:
         for label in np.unique(folds.labels[part]):
             rows = np.flatnonzero(part & (folds.labels == label))
             dropped = rng.permutation(rows)[max(1, round(share * len(rows))) :]
-            fold[dropped] = OUT
+            fold[dropped] = LEFT_OUT
     train = folds.train.copy()
     train["fold"] = fold
     return dataclasses.replace(folds, train=train)
@@ -124,12 +123,12 @@ def _decision(
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
         start = time.perf_counter()
         share = probe_rows_share(cfg.epochs, n_folds)
-        rows = "fold 0" if share >= 1.0 else f"{share:.0%} of fold 0's rows"
+        which = "fold 0" if share >= 1.0 else f"{share:.0%} of fold 0's rows"
         them = "them" if len(auto) > 1 else "it"
         # said before it runs, as it costs up to a quarter of the run, and a user who knows the data's symmetry
         # can skip it
         print(
-            f"kit: {', '.join(auto)}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on {rows} decides {them} "
+            f"kit: {', '.join(auto)}: auto, so a {probe_epochs(cfg.epochs)}-epoch probe on {which} decides {them} "
             f"(give each a probability, e.g. --set hflip=0.5, to skip it)",
             file=sys.stderr,
         )
@@ -147,11 +146,11 @@ def _decision(
 
 def run_probe(probe: TrainConfig, family, folds: Folds, fold_dir: Path, root: Path) -> dict:
     """Train the probe on fold 0's training rows, score each view on its validation rows, decide (rows of
-    fold OUT take no part)."""
+    fold LEFT_OUT take no part)."""
     fold_dir.mkdir(parents=True, exist_ok=True)
     family.fit_fold(probe, folds, 0, fold_dir, root)
-    valid, train = folds.fold_of_row == 0, folds.fold_of_row > 0
-    paths = folds.train["path"][valid].tolist()
+    train, valid = folds.split(0)
+    paths = folds.train["path"].iloc[valid].tolist()
     logp = family.load_view_predictor(probe, fold_dir.parent, 0, root)(paths, list(TTA_VIEWS))
     losses = view_log_loss(logp, folds.labels[valid], TTA_VIEWS, folds.merge_groups)
     prior = prior_log_loss(folds.labels[valid], folds.labels[train], len(folds.classes))
@@ -165,5 +164,5 @@ def run_probe(probe: TrainConfig, family, folds: Folds, fold_dir: Path, root: Pa
             v: round(1 - (loss - losses["none"]) / learned, 4) if learned > 0 else None for v, loss in losses.items()
         },
         "probe_epochs": probe.epochs,
-        "probe_rows": {"train": int(train.sum()), "valid": int(valid.sum())},
+        "probe_rows": {"train": len(train), "valid": len(valid)},
     }

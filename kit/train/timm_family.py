@@ -58,9 +58,7 @@ def fold_trainer(cfg: TrainConfig, folds: Folds, fold: int, root: Path) -> tuple
     shape = (cfg.batch_size, 3, cfg.img_size, cfg.img_size)
     warm = warm_up(model, shape, device, cfg.precision, use_channels_last(cfg.channels_last, device), backward=True)
     table = folds.train
-    fold_of_row = table["fold"].to_numpy()  # rows of a negative fold take no part (the flips probe's left-out rows)
-    train = (fold_of_row != fold) & (fold_of_row >= 0)
-    rows = {"train": np.flatnonzero(train), "valid": np.flatnonzero(fold_of_row == fold)}
+    rows = dict(zip(("train", "valid"), folds.split(fold), strict=True))
     labels = {name: table["y"].to_numpy()[idx] for name, idx in rows.items()}
     paths = table["path"].tolist()
     feed = fold_feed(cfg, device, paths, cached_images(cfg, paths, root), rows, labels)

@@ -141,8 +141,7 @@ def fit_fold(
     vl = load_vlm(cfg, device, lm_head=True)
     reranker = Reranker(cfg, prompter, vl, folds.classes)
     paths, labels = np.array(folds.train["path"].tolist(), dtype=object), folds.labels
-    train_rows = np.flatnonzero(folds.fold_of_row != fold)
-    valid_rows = np.flatnonzero(folds.fold_of_row == fold)
+    train_rows, valid_rows = folds.split(fold)
     train_cands = with_truth(candidates(base.train, cfg.vlm.top_k), base.train, labels)
     trainer = LoraTrainer(cfg, vl, None, device, -(-len(train_rows) // cfg.batch_size))
     trainer.resume_if_any(fold_dir)
