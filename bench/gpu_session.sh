@@ -46,7 +46,9 @@ for step in "$@"; do
             --rounds 3 --batch-size "${BUNDLE_BATCH:-64}" --decode-workers ${DECODE_WORKERS:-} ${BUNDLE_ARGS:-} ;;
         # a fresh process's first lite0 step under layouts and precisions (cuDNN's run-time compiled kernels)
         first-step) python bench/first_step.py --procs 1 --variants ${FIRST_STEP:-default thread_warm fp32 nchw nchw_fp32} ;;
-        demo) python -m kit.cli demo --recipe gpu --root /tmp/demo ;;
+        # the members' and the ensemble's OOF come back too (bench/oof_breakdown.py reads them)
+        demo) python -m kit.cli demo --recipe gpu --root /tmp/demo; rc=$?
+            (cd /tmp/demo && tar czf "$OUT/demo_oof.tgz" folds/train.csv runs/*/oof.npz runs/*/*.json ensembles/*/oof.npz ensembles/*/recipe.json); (exit $rc) ;;
         # shellcheck disable=SC2086  # SWEEP is a list of variant names
         sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-4}" \
             --budget "${SWEEP_BUDGET:-330}" --out "$OUT/sweep.json" ${SWEEP:+--only $SWEEP} ;;

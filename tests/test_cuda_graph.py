@@ -11,6 +11,7 @@ import torch
 
 from kit.config import load_config
 from kit.errors import KitError
+from kit.infer.graphed_forward import launch_bound
 from kit.train.loop import FoldTrainer
 from kit.train.runtime import seed_everything
 
@@ -76,8 +77,15 @@ def test_auto_captures_a_launch_bound_step_and_records_what_it_measured():
     _train(trainer, _batches("cuda", 4))
     ratio = trainer.graphed.launch_ratio
     assert ratio is not None and ratio > 0
-    assert trainer.graph_replays == (ratio >= 0.5)  # resnet10t at 32 px, batch 8: all launches
+    assert trainer.graph_replays == trainer.graphed.bound  # resnet10t at 32 px, batch 8: all launches
     assert trainer.graph_replays
+
+
+def test_a_step_is_launch_bound_when_it_launches_slowly_and_the_gpu_finishes_right_behind_it():
+    # seconds (launching, the GPU's run-on after the last launch, the GPU's time) measured on an H200
+    assert launch_bound(0.96 * 0.025, 0.001, 0.025)  # lite0 @224, batch 64: captured
+    assert not launch_bound(0.53 * 0.243, 0.116, 0.243)  # convnext_base @384, batch 128: a full launch queue
+    assert not launch_bound(0.2 * 0.010, 0.0, 0.010)  # launched in a fifth of its GPU time: nothing to gain
 
 
 def test_no_graph_on_the_cpu_or_where_a_graph_cannot_replay_the_step():

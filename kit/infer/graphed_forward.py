@@ -4,9 +4,8 @@ A small model predicting on a large GPU is launch-bound: an efficientnet_lite0 f
 few hundred kernels, and infer.py's 5 folds x 2 views ran at 8,100 forwards/s (64 rows each, bench_bundle on
 an H200) while the GPU's own work for it took a fraction of that. Replaying a captured forward launches it
 all at once. Per (model, batch shape): the first call runs eagerly (cuDNN builds its plans), the second
-is timed on the host and on the GPU, the third captures the forward when launching took at least
-LAUNCH_BOUND of the GPU's time (a GPU-bound forward, a large model, stays eager: it gains nothing, and a
-graph keeps its activations' memory):
+is timed on the host and on the GPU, the third captures the forward when it was launch-bound (`launch_bound`:
+a GPU-bound forward, a large model, stays eager: it gains nothing, and a graph keeps its activations' memory):
 
     logits = forward(model, x, "auto", torch.channels_last, graphs="auto")   # under no_grad, model.eval()
 
@@ -25,8 +24,21 @@ import torch
 
 from kit.train.runtime import autocast
 
-LAUNCH_BOUND = 0.5  # host launch time / GPU time of an eager forward at or above which replaying pays
+LAUNCH_BOUND = 0.5  # host launch time / GPU time of an eager call at or above which replaying may pay
+RAN_ON_BOUND = 0.25  # how long the GPU ran on after the last launch / its time, at or below which it does
 TIMED_CALL, CAPTURE_CALL = 1, 2  # call 0 pays cuDNN's planning; call 1 is timed; call 2 is captured
+
+
+def launch_bound(launched: float, ran_on: float, gpu: float) -> bool:
+    """Whether a timed eager call (a forward, or a training step's forward and backward) was paced by its
+    launches, from the host's seconds launching it, the seconds the GPU ran on after the last launch, and the
+    GPU's seconds for it. Launching slowly is not enough: a GPU-bound call whose launches block on CUDA's
+    full launch queue launches slowly too, but its GPU runs on well after the host is done, while a
+    launch-bound GPU finishes right behind the last launch. Measured on an H200 (bench/RESULTS.md, sessions
+    17-18): lite0 at 224 px, batch 64 launched for 0.96 of its 25 ms step and ran on 1 ms (launch-bound);
+    convnext_base at 384 px, batch 128 for 0.53 of 243 ms and ran on 116 ms (GPU-bound: a graph gains nothing
+    and pins a second copy of its activations)."""
+    return launched >= LAUNCH_BOUND * gpu and ran_on <= RAN_ON_BOUND * gpu
 
 
 class _Forward:
@@ -35,6 +47,7 @@ class _Forward:
     def __init__(self):
         self.calls = 0
         self.launch_ratio: float | None = None
+        self.bound = False  # the timed call was launch-bound: the next one captures
         self.graph: torch.cuda.CUDAGraph | None = None
         self.static: tuple[torch.Tensor, torch.Tensor] | None = None  # input, logits
         self.eager = False  # measured GPU-bound, or the capture failed
@@ -60,7 +73,7 @@ def forward(
     if state.eager:
         return _eager(model, x, precision)
     if state.calls == CAPTURE_CALL:
-        if graphs is True or (state.launch_ratio or 0.0) >= LAUNCH_BOUND:
+        if graphs is True or state.bound:
             return _capture(state, model, x, precision)
         state.eager = True
         return _eager(model, x, precision)
@@ -76,7 +89,9 @@ def forward(
     launched = time.perf_counter() - tick
     end.record()
     end.synchronize()
-    state.launch_ratio = launched / max(start.elapsed_time(end) / 1e3, 1e-9)
+    ran_on = time.perf_counter() - tick - launched
+    gpu = max(start.elapsed_time(end) / 1e3, 1e-9)
+    state.launch_ratio, state.bound = launched / gpu, launch_bound(launched, ran_on, gpu)
     return logits
 
 

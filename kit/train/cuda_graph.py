@@ -12,9 +12,10 @@ and the graph runs the very kernels the eager step runs.
     step.owns_grads    # after capture: p.grad are the graph's buffers (zero them in place, never None)
 
 `auto` finds out from the run itself: the first step pays cuDNN's planning, the second is timed on the host
-(launching) and on the GPU (CUDA events); a step whose launching takes at least half its GPU time is
-launch-bound and is captured at the third; a GPU-bound step (a large model) stays eager, as it gains
-nothing and a graph would pin a second copy of its activations.
+(launching) and on the GPU (CUDA events); a launch-bound step (`graphed_forward.launch_bound`: its launching
+took at least half its GPU time, and the GPU finished right behind the last launch) is captured at the third;
+a GPU-bound step (a large model) stays eager, as it gains nothing and a graph would pin a second copy of its
+activations.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ from collections.abc import Callable
 import torch
 
 # the rule prediction forwards follow too: step 0 pays cuDNN's planning, step 1 is timed, step 2 is captured
-# when launching took at least LAUNCH_BOUND of the GPU's time
+# when step 1 was launch-bound
 from kit.infer.graphed_forward import CAPTURE_CALL as CAPTURE_STEP
-from kit.infer.graphed_forward import LAUNCH_BOUND as LAUNCH_BOUND
 from kit.infer.graphed_forward import TIMED_CALL as TIMED_STEP
+from kit.infer.graphed_forward import launch_bound
 
 
 class GraphedStep:
@@ -40,6 +41,7 @@ class GraphedStep:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.disabled = False  # set when measured GPU-bound or a capture failed: the trainer steps eagerly itself
         self.launch_ratio: float | None = None  # host launch time / GPU time of the timed eager step
+        self.bound = False  # the timed step was launch-bound (auto captures the next one)
         self.static: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # x, y, loss
         self.timing = ""  # what the timed step measured, in words
 
@@ -61,7 +63,7 @@ class GraphedStep:
         if self.graph is not None:
             return self._replay(x, y) if self.fits(x, y) else self._eager(x, y)
         if self.steps == CAPTURE_STEP:
-            capture = self.mode is True or (self.launch_ratio or 0.0) >= LAUNCH_BOUND
+            capture = self.mode is True or self.bound
             if self.timing:  # timed (auto): say what it measured and chose
                 _note_once(f"{self.timing}: {'captured' if capture else 'eager'}")
             if capture:
@@ -96,7 +98,7 @@ class GraphedStep:
                 end.synchronize()
                 left = time.perf_counter() - tick - launched
                 gpu = max(start.elapsed_time(end) / 1e3, 1e-9)
-                self.launch_ratio = launched / gpu
+                self.launch_ratio, self.bound = launched / gpu, launch_bound(launched, left, gpu)
                 # `left`: how long the GPU ran on after the last launch (near 0 when it waited on the host;
                 # a large step whose launches blocked on a full queue leaves a good part)
                 self.timing = (
