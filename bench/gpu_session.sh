@@ -48,7 +48,7 @@ for step in "$@"; do
         first-step) python bench/first_step.py --procs 1 --variants ${FIRST_STEP:-default thread_warm fp32 nchw nchw_fp32} ;;
         # the members' and the ensemble's OOF come back too (bench/oof_breakdown.py reads them)
         demo) python -m kit.cli demo --recipe gpu --root /tmp/demo; rc=$?
-            (cd /tmp/demo && tar czf "$OUT/demo_oof.tgz" folds/train.csv runs/*/oof.npz runs/*/*.json ensembles/*/oof.npz ensembles/*/recipe.json); (exit $rc) ;;
+            (cd /tmp/demo && tar czf "$OUT/demo_oof.tgz" folds runs/*/oof.npz runs/*/*.json ensembles/*/oof.npz ensembles/*/recipe.json); (exit $rc) ;;
         # shellcheck disable=SC2086  # SWEEP is a list of variant names
         sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-4}" \
             --budget "${SWEEP_BUDGET:-330}" --out "$OUT/sweep.json" ${SWEEP:+--only $SWEEP} ;;
