@@ -41,6 +41,7 @@ def breakdown(labels: np.ndarray, logp: np.ndarray, classes: list[str]) -> tuple
         pd.Categorical(named[predicted], classes),
         rownames=["true"],
         colnames=["predicted"],
+        dropna=False,
     )
     return per_class, confusion
 
