@@ -256,7 +256,8 @@ def default_space(cfg: TrainConfig) -> Space:
         data["lr"] = {"low": _round(cfg.lr / 10), "high": _round(cfg.lr * 10), "log": True}
     if cfg.epochs >= 2:  # at most the base's epochs: the base config is the budget per trial
         data["epochs"] = {"low": max(1, cfg.epochs // 2), "high": cfg.epochs}
-    data["rrc_scale"] = _with(cfg.rrc_scale, [[0.08, 1.0], [0.35, 1.0], [0.75, 1.0]])
+    # [1, 1], no crop: a crop can cut out what the label is about (a crack in a solar cell: session 19)
+    data["rrc_scale"] = _with(cfg.rrc_scale, [[0.08, 1.0], [0.35, 1.0], [0.75, 1.0], [1.0, 1.0]])
     data["hflip"] = _with(cfg.hflip, [0.0, 0.5])
     data["vflip"] = _with(cfg.vflip, [0.0, 0.5])
     data["color_jitter"] = _with(cfg.color_jitter, [0.0, 0.5])
