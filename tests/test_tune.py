@@ -251,6 +251,15 @@ def test_the_default_space_covers_the_recipe_keys_and_holds_the_base_recipe():
     assert "freeze_groups" not in default_space(load_config("tiny", overrides=["img_size=32"])).keys  # random init
 
 
+def test_the_default_space_of_a_run_whose_flips_are_auto_holds_auto():
+    cfg = load_config("tiny", overrides=["img_size=32", "hflip=auto", "vflip=auto"])  # kit's defaults
+    space = default_space(cfg)  # it used to raise a TypeError, sorting "auto" among floats
+    params = dict(zip(space.keys, space.params, strict=True))
+    assert params["hflip"].choices == (0.0, 0.5, "auto") and params["vflip"].choices == (0.0, 0.5, "auto")
+    assert space.start(cfg)["hflip"] == "auto"  # trial 0 is still the base recipe
+    assert parse_space(yaml.safe_load(space.to_yaml()), "default space", cfg) == space
+
+
 def test_show_space_prints_the_default_space_as_a_space_file(root):
     result = invoke("tune", "tiny", "--show-space", "--root", root)
     assert result.exit_code == 0, result.output

@@ -302,8 +302,14 @@ def _model_facts(cfg: TrainConfig) -> tuple[int, bool]:
 
 
 def _with(value: Any, choices: list) -> list:
-    """`choices` with the base value among them, in the order given."""
-    return choices if value in choices else sorted([*choices, value])
+    """`choices` with the base value among them: in order where they compare, else the base last (a flip
+    left `auto`, kit's default, among probabilities: its trials run the flips probe, as the base would)."""
+    if value in choices:
+        return choices
+    try:
+        return sorted([*choices, value])
+    except TypeError:
+        return [*choices, value]
 
 
 def _round(x: float) -> float:
