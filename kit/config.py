@@ -21,6 +21,7 @@ import yaml
 from kit.errors import KitError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+CROP_DEFAULT = (0.75, 1.0)  # rrc_scale's default area range
 
 
 @dataclass
@@ -64,8 +65,9 @@ class TrainConfig:
     img_size: int = 0  # 0: the model's own input size
     mean: list[float] = field(default_factory=list)  # empty: the model's own
     std: list[float] = field(default_factory=list)
-    # RandomResizedCrop area range; mild by default: a crop to 35% of the area cut digits and text apart
-    rrc_scale: list[float] = field(default_factory=lambda: [0.75, 1.0])
+    # RandomResizedCrop area range; mild by default: a crop to 35% of the area cut digits and text apart.
+    # auto: the flips probe finds out which crops keep the labels (kit.train.symmetry); [1, 1]: no crop
+    rrc_scale: list[float] | str = field(default_factory=lambda: list(CROP_DEFAULT))
     # flip probabilities, or auto: a short probe run decides from the data (kit.train.symmetry)
     hflip: float | str = "auto"
     vflip: float | str = "auto"
@@ -314,7 +316,7 @@ def validate(cfg: TrainConfig) -> list[str]:
             f"tta items: {', '.join(TTA_VIEWS)}; or auto, optionally followed by the views it may choose",
         ),
         (cfg.epoch_choice in ("last", "best"), "epoch_choice must be last or best"),
-        (len(cfg.rrc_scale) == 2 and 0 < cfg.rrc_scale[0] <= cfg.rrc_scale[1] <= 1, "rrc_scale: [min, max] in (0, 1]"),
+        (_crop_ok(cfg.rrc_scale), "rrc_scale: [min, max] in (0, 1], or auto"),
         (len(cfg.mean) in (0, 3) and len(cfg.std) in (0, 3), "mean and std: three values or none"),
         (cfg.vlm.head in ("head", "rerank", "probe"), "vlm.head must be head, rerank or probe"),
         (cfg.vlm.pooling in ("last", "mean"), "vlm.pooling must be last or mean"),
@@ -329,6 +331,15 @@ def validate(cfg: TrainConfig) -> list[str]:
         (cfg.vlm.probe_c >= 0, "vlm.probe_c must be >= 0 (0: chosen by inner CV)"),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _crop_ok(scale: list[float] | str) -> bool:
+    return scale == "auto" or (isinstance(scale, list) and len(scale) == 2 and 0 < scale[0] <= scale[1] <= 1)
+
+
+def crop_scale(cfg: TrainConfig) -> tuple[float, float]:
+    """The crop's area range; an unresolved `auto` (kit bench, which runs no probe) crops as the default."""
+    return CROP_DEFAULT if cfg.rrc_scale == "auto" else (float(cfg.rrc_scale[0]), float(cfg.rrc_scale[1]))
 
 
 def _probability(value: float | str, auto: bool = False) -> bool:

@@ -1,6 +1,6 @@
 """kit's default recipe keeps its scores honest and fits the data: the epoch a fold predicts with is not
 chosen by its own OOF rows (epoch_choice), random labels stay at log(C) through a run and an ensemble,
-and training flips follow from a probe of the data (hflip / vflip / rot90: auto)."""
+and training flips and crops follow from a probe of the data (hflip / vflip / rot90 / rrc_scale: auto)."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from kit.config import TTA_VIEWS, load_config
 from kit.ensemble import fit_ensemble
 from kit.errors import KitError
 from kit.folds import LEFT_OUT, load_folds, make_folds
+from kit.infer.timm_predict import crop_views
 from kit.io import read_json
 from kit.metrics import log_loss
 from kit.preds import load_predictions
 from kit.train.driver import run_config, train_run
-from kit.train.symmetry import SYMMETRY_FILE, decide, probe_folds, probe_rows_share
+from kit.train.symmetry import CROP_AREAS, SYMMETRY_FILE, decide, decide_crops, probe_folds, probe_rows_share
 
 TINY = ["workers=0", "deterministic=true"]
 
@@ -174,6 +175,67 @@ def test_one_fold_of_a_short_run_probes_a_third_of_its_rows(two_fold_root, capsy
     train_run(load_config("tiny", overrides), two_fold_root, only_folds=[1])  # the run's other fold: same decision
     assert read_json(summary.run_dir / SYMMETRY_FILE) == record
     assert run_config(summary.run_dir).hflip == record["decision"]["hflip"]
+
+
+def _crop_losses(none: float, kept: dict[float, float], prior: float) -> dict[str, float]:
+    """View losses whose five crops of each area keep `kept[area]` of what a probe learned over the prior."""
+    losses = {"none": none}
+    for area, share in kept.items():
+        losses.update(dict.fromkeys(crop_views(area), none + (1 - share) * (prior - none)))
+    return losses
+
+
+def test_crops_are_kept_down_to_the_smallest_area_whose_crops_keep_what_the_probe_learned():
+    # the kept shares of 3-epoch probes trained without crops (session 19): rendered digits, where [0.75, 1]
+    # crops beat none, and the elpv cells, where none beat [0.6, 1]
+    digits = _crop_losses(1.073, {0.35: 0.078, 0.6: 0.739, 0.75: 0.897}, prior=2.302)
+    cells = _crop_losses(0.681, {0.35: -0.334, 0.6: 0.460, 0.75: 0.646}, prior=1.049)
+    photos = _crop_losses(0.8, {0.35: 0.85, 0.6: 0.95, 0.75: 0.97}, prior=2.0)
+    assert decide_crops(digits, 2.302) == [0.75, 1.0]
+    assert decide_crops(cells, 1.049) == [1.0, 1.0]  # no crop
+    assert decide_crops(photos, 2.0) == [0.35, 1.0]
+    assert decide_crops(_crop_losses(2.2, dict.fromkeys(CROP_AREAS, 1.0), 2.2), 2.2) == [1.0, 1.0]  # learned nothing
+
+
+def test_a_crop_view_is_that_part_of_the_image_resized_back_to_the_whole():
+    import torch
+
+    from kit.infer.timm_predict import tta_logp
+
+    class AsIs:  # a Normalizer that leaves the batch as it is (the views act on normalised batches)
+        channels_last = False
+
+        def __call__(self, images):
+            return images
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 8, 8)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4)).eval()
+
+    def probs(name: str, images: torch.Tensor = x) -> torch.Tensor:
+        return tta_logp(model, images, AsIs(), [name], "fp32").exp()
+
+    assert crop_views(0.25) == ["crop0.25:tl", "crop0.25:tr", "crop0.25:bl", "crop0.25:br", "crop0.25:c"]
+    quarter = torch.nn.functional.interpolate(x[:, :, 4:, :4], size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(probs("crop0.25:bl"), probs("none", quarter))  # the bottom-left quarter
+    torch.testing.assert_close(probs("crop1:c"), probs("none"))  # the whole image
+    torch.testing.assert_close(probs("crop0.25:tl").sum(1), torch.ones(2))
+
+
+def test_rrc_scale_auto_is_decided_by_the_probe_and_recorded(two_fold_root, capsys):
+    overrides = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=0.5", "vflip=0", "rot90=0"]
+    summary = train_run(load_config("tiny", [*overrides, "rrc_scale=auto", "name=crops"]), two_fold_root)
+    said = capsys.readouterr().err
+    assert "kit: rrc_scale: auto, so a 3-epoch probe on 67% of fold 0's rows decides it" in said
+    assert "kit: flips and crops from a 3-epoch probe run" in said
+    record = read_json(summary.run_dir / SYMMETRY_FILE)
+    assert record["recipe"]["rrc_scale"] == [1.0, 1.0]  # the probe trains without crops (and flips)
+    assert {v for a in CROP_AREAS for v in crop_views(a)} <= set(record["views_log_loss"])
+    assert record["decision"]["rrc_scale"] == decide_crops(record["views_log_loss"], record["prior_log_loss"])
+    config = run_config(summary.run_dir)
+    assert config.rrc_scale == record["decision"]["rrc_scale"] and config.hflip == 0.5  # a set flip stays
+    with pytest.raises(KitError, match="rrc_scale: \\[min, max\\] in \\(0, 1\\], or auto"):
+        load_config("tiny", ["rrc_scale=sometimes"])
 
 
 def test_bad_flip_values_are_named():

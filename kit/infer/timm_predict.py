@@ -12,10 +12,12 @@ embeds this file, so both compute the same numbers:
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from kit.errors import KitError
 from kit.infer.cudnn_warmup import warm_up
@@ -36,6 +38,29 @@ VIEWS = {
     "transpose": lambda x: x.transpose(2, 3),
     "transverse": lambda x: torch.rot90(x, 2, [2, 3]).transpose(2, 3),
 }
+# where a crop view sits in the square: its top-left corner as a share of the room the crop leaves
+CROP_CORNERS = {"tl": (0, 0), "tr": (1, 0), "bl": (0, 1), "br": (1, 1), "c": (0.5, 0.5)}
+
+
+def crop_views(area: float) -> list[str]:
+    """The names of the five crops (four corners and the centre) of `area` of the image, each resized back
+    to the whole: what the flips probe scores for `rrc_scale: auto` (kit.train.symmetry), never a TTA view."""
+    return [f"crop{area:g}:{corner}" for corner in CROP_CORNERS]
+
+
+def _view(name: str):
+    if name in VIEWS:
+        return VIEWS[name]
+    area, corner = name.removeprefix("crop").split(":")
+    return lambda x: _crop(x, float(area), CROP_CORNERS[corner])
+
+
+def _crop(x: torch.Tensor, area: float, corner: tuple[float, float]) -> torch.Tensor:
+    size = x.shape[-1]
+    side = round(size * math.sqrt(area))
+    x0, y0 = (round((size - side) * c) for c in corner)
+    crop = x[:, :, y0 : y0 + side, x0 : x0 + side]
+    return F.interpolate(crop, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def timm_spec(config: dict) -> dict:
@@ -152,7 +177,7 @@ def tta_logp(
     layout = torch.channels_last if normalize.channels_last else torch.contiguous_format
     probs = 0
     for name in tta:
-        logits = forward(model, VIEWS[name](x), precision, layout, graphs)
+        logits = forward(model, _view(name)(x), precision, layout, graphs)
         probs = probs + torch.softmax(logits.float(), dim=-1)
     return (probs[:n] / len(tta)).clamp_min(1e-15).log()
 

@@ -11,12 +11,12 @@ import albumentations as A
 import cv2
 from albumentations.pytorch import ToTensorV2
 
-from kit.config import TrainConfig
+from kit.config import TrainConfig, crop_scale
 from kit.preprocess import EvalTransform
 
 
 def train_pipeline(cfg: TrainConfig, size: int) -> A.Compose:
-    steps: list = [A.RandomResizedCrop(size=(size, size), scale=tuple(cfg.rrc_scale), interpolation=cv2.INTER_AREA)]
+    steps: list = [A.RandomResizedCrop(size=(size, size), scale=crop_scale(cfg), interpolation=cv2.INTER_AREA)]
     hflip, vflip, rot90 = (_flip(p) for p in (cfg.hflip, cfg.vflip, cfg.rot90))
     if hflip:
         steps.append(A.HorizontalFlip(p=hflip))

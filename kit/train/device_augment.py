@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kit.config import TrainConfig
+from kit.config import TrainConfig, crop_scale
 
 # splitmix64's constants: a well-mixed 64-bit hash of (seed, row, draw), computed in numpy (uint64 wraps)
 _GOLDEN, _MIX1, _MIX2 = np.uint64(0x9E3779B97F4A7C15), np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
@@ -63,7 +63,7 @@ def plan(cfg: TrainConfig, rows: np.ndarray, seed: int) -> dict[str, np.ndarray]
     uploaded once, so a batch costs no host-to-device copy and no synchronisation)."""
     u = uniforms(seed, rows)
     n = len(rows)
-    box = crop_boxes(u, tuple(cfg.rrc_scale))
+    box = crop_boxes(u, crop_scale(cfg))
     theta = np.zeros((n, 2, 3))
     theta[:, 0, 0] = box[:, 2] * np.where(u[:, 22] < _p(cfg.hflip), -1.0, 1.0)  # a flip is a negative scale
     theta[:, 1, 1] = box[:, 3] * np.where(u[:, 23] < _p(cfg.vflip), -1.0, 1.0)

@@ -29,7 +29,7 @@ from kit.preds import RUNS_DIR, Predictions, load_predictions, mean_in_prob_spac
 from kit.track import chain, fold_log
 from kit.train.families import get_family
 from kit.train.lock import RunLock
-from kit.train.symmetry import resolve_flips
+from kit.train.symmetry import resolve_augmentation
 from kit.train.tta_choice import VIEWS_FILE, TTAChoice, average_views, choose_tta, load_views, save_views, view_log_loss
 
 RUN_META_KEYS = RUN_RECORD_KEYS
@@ -122,7 +122,7 @@ def plan_run(cfg: TrainConfig, root: Path, only_folds: list[int] | None = None) 
     cfg = family.resolve_config(copy.deepcopy(cfg), folds)
     run_dir = Path(root) / RUNS_DIR / cfg.name
     fold_ids = list(only_folds or range(folds.k))
-    cfg = resolve_flips(cfg, family, folds, run_dir, Path(root), len(fold_ids))  # `auto` flips: a probe decides
+    cfg = resolve_augmentation(cfg, family, folds, run_dir, Path(root), len(fold_ids))  # `auto`: a probe decides
     if cfg.lr_find:  # part of resolving: config.json records the rate found, and a resume reads it back
         from kit.train.lr_find import resolve_lr
 

@@ -196,7 +196,7 @@ def _parse_entry(key: str, spec: Any, where: str, base: TrainConfig, problems: l
 
 
 def _choices(key: str, hint: Any, spec: list, where: str, problems: list[str]) -> Param:
-    listed = typing.get_origin(hint) is list
+    listed = list in (typing.get_origin(h) for h in (hint, *typing.get_args(hint)))  # rrc_scale: a list or auto
     values = [_as_float(v) if hint is float else v for v in spec]
     for value in values:
         if not _is_instance(value, hint):
