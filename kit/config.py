@@ -67,7 +67,7 @@ class TrainConfig:
     std: list[float] = field(default_factory=list)
     # RandomResizedCrop area range; mild by default: a crop to 35% of the area cut digits and text apart.
     # auto: the flips probe finds out which crops keep the labels (kit.train.symmetry); [1, 1]: no crop
-    rrc_scale: list[float] | str = field(default_factory=lambda: list(CROP_DEFAULT))
+    rrc_scale: list[float] | str = "auto"
     # flip probabilities, or auto: a short probe run decides from the data (kit.train.symmetry)
     hflip: float | str = "auto"
     vflip: float | str = "auto"

@@ -98,7 +98,7 @@ def test_random_labels_runs_and_their_ensemble_stay_at_log_c(tmp_path):
     n_classes = 10
     data = random_label_competition(tmp_path / "data", n_classes, 10, seed=0)
     make_folds(data, root=tmp_path, k=2, workers=1)
-    # kit's defaults (tta auto, flips auto, epoch_choice last) on a tiny model that can memorise its rows
+    # kit's defaults (tta auto, flips and crops auto, epoch_choice last) on a tiny model that can memorise its rows
     quick = ["model=test_efficientnet", "img_size=32", "epochs=3", "batch_size=10", "lr=0.01", *TINY]
     names = []
     for seed in (0, 1):
@@ -106,7 +106,8 @@ def test_random_labels_runs_and_their_ensemble_stay_at_log_c(tmp_path):
         assert summary.cv["log_loss"] >= math.log(n_classes) - 0.01, summary.cv
         assert summary.tta["cv"] == summary.cv  # the reported figure is the cross-fitted one
         decision = read_json(summary.run_dir / SYMMETRY_FILE)["decision"]
-        assert decision == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}  # nothing learned, nothing decided
+        # nothing learned, nothing decided: no flips, no crops, as a plain loop trains
+        assert decision == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "rrc_scale": [1.0, 1.0]}
         names.append(summary.run_dir.name)
     ensemble = fit_ensemble(tmp_path, names, "noise", method="auto", trials=4)
     for method, s in ensemble.methods.items():
@@ -253,9 +254,13 @@ def test_on_rendered_digits_kit_keeps_the_plain_view_and_trains_without_flips(tm
     make_folds(data.data_dir, root=tmp_path, k=2, workers=1)
     quick = {"model": "resnet10t", "img_size": 32, "epochs": 8}
     cfg = load_config(None, ["workers=0", "deterministic=true", "name=digits"], quick)
-    assert (cfg.lr, cfg.rrc_scale, cfg.tta, cfg.epoch_choice) == (0.003, [0.75, 1.0], ["auto"], "last")
+    assert (cfg.lr, cfg.rrc_scale, cfg.tta, cfg.epoch_choice) == (0.003, "auto", ["auto"], "last")
     summary = train_run(cfg, tmp_path)
-    assert read_json(summary.run_dir / SYMMETRY_FILE)["decision"] == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0}
+    decision = read_json(summary.run_dir / SYMMETRY_FILE)["decision"]
+    # crops as the probe found (here, 500 digits at 32 px: none, as fold 0 of the session-5 table preferred)
+    assert decision == {"hflip": 0.0, "vflip": 0.0, "rot90": 0.0, "rrc_scale": decision["rrc_scale"]}
+    assert run_config(summary.run_dir).rrc_scale == decision["rrc_scale"]
+    assert decision["rrc_scale"] in ([0.35, 1.0], [0.6, 1.0], [0.75, 1.0], [1.0, 1.0])
     assert summary.cv["log_loss"] < 2.0  # it learned
     views = summary.tta["per_view_log_loss"]
     for view in ("hflip", "vflip", "rot90", "rot270", "transpose", "transverse"):
