@@ -22,7 +22,7 @@ from kit.infer.timm_predict import crop_views
 from kit.io import read_json
 from kit.metrics import log_loss
 from kit.preds import load_predictions
-from kit.train.driver import run_config, train_run
+from kit.train.driver import plan_run, run_config, train_run
 from kit.train.symmetry import CROP_AREAS, SYMMETRY_FILE, decide, decide_crops, probe_folds, probe_rows_share
 
 TINY = ["workers=0", "deterministic=true"]
@@ -235,6 +235,12 @@ def test_rrc_scale_auto_is_decided_by_the_probe_and_recorded(two_fold_root, caps
     assert record["decision"]["rrc_scale"] == decide_crops(record["views_log_loss"], record["prior_log_loss"])
     config = run_config(summary.run_dir)
     assert config.rrc_scale == record["decision"]["rrc_scale"] and config.hflip == 0.5  # a set flip stays
+    # a probe of the same recipe that decided flips alone (crops fixed at [1, 1]) is run again for the crops
+    flips_only = [*TINY, "epochs=4", "batch_size=4", "tta=[none]", "hflip=auto", "vflip=0", "rot90=0", "name=again"]
+    train_run(load_config("tiny", [*flips_only, "rrc_scale=[1.0,1.0]"]), two_fold_root, only_folds=[0])
+    assert "rrc_scale" not in read_json(two_fold_root / "runs" / "again" / SYMMETRY_FILE)["decision"]
+    plan = plan_run(load_config("tiny", [*flips_only, "rrc_scale=auto"]), two_fold_root, only_folds=[0])
+    assert plan.cfg.rrc_scale == read_json(plan.run_dir / SYMMETRY_FILE)["decision"]["rrc_scale"]
     with pytest.raises(KitError, match="rrc_scale: \\[min, max\\] in \\(0, 1\\], or auto"):
         load_config("tiny", ["rrc_scale=sometimes"])
 

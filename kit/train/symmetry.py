@@ -152,8 +152,10 @@ def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: 
     # the same run's command for other folds (its rows' share is not part of it: a run has one decision)
     recipe = {k: v for k, v in to_dict(probe_recipe(cfg)).items() if k not in RESUME_SAFE_KEYS}
     with exclusive(run_dir / ".symmetry.lock"):
-        if path.is_file() and read_json(path).get("recipe") == recipe:
-            return read_json(path)["decision"]
+        done = read_json(path) if path.is_file() else {}
+        # the same probe decided these keys before (a probe run for flips alone, with the same recipe, has no crops)
+        if done.get("recipe") == recipe and all(key in done["decision"] for key in auto):
+            return done["decision"]
         probe_dir = run_dir / "symmetry_probe"
         shutil.rmtree(probe_dir, ignore_errors=True)  # a probe killed half-way starts again
         start = time.perf_counter()
