@@ -21,7 +21,7 @@ import yaml
 from kit.errors import KitError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
-CROP_DEFAULT = (0.75, 1.0)  # rrc_scale's default area range
+CROP_DEFAULT = (0.75, 1.0)  # the crops of an rrc_scale left `auto` where no probe resolves it (kit bench)
 
 
 @dataclass
@@ -65,8 +65,8 @@ class TrainConfig:
     img_size: int = 0  # 0: the model's own input size
     mean: list[float] = field(default_factory=list)  # empty: the model's own
     std: list[float] = field(default_factory=list)
-    # RandomResizedCrop area range; mild by default: a crop to 35% of the area cut digits and text apart.
-    # auto: the flips probe finds out which crops keep the labels (kit.train.symmetry); [1, 1]: no crop
+    # RandomResizedCrop area range ([1, 1]: no crop), or auto: the flips probe finds out which crops keep the
+    # labels (kit.train.symmetry): a crop to 35% of the area cuts digits apart, one to 75% can cut a cell's crack out
     rrc_scale: list[float] | str = "auto"
     # flip probabilities, or auto: a short probe run decides from the data (kit.train.symmetry)
     hflip: float | str = "auto"

@@ -38,6 +38,7 @@ from kit.train.tta_choice import view_log_loss
 
 FLIP_KEYS = ("hflip", "vflip", "rot90")
 CROP_KEY = "rrc_scale"
+NO_CROP = (1.0, 1.0)  # rrc_scale's area range without a crop
 SYMMETRY_FILE = "symmetry.json"
 ON = 0.5  # the probability a free flip is applied with
 KEEP = 0.5  # a view is free when it loses at most this share of what the probe learned
@@ -85,7 +86,7 @@ def probe_recipe(cfg: TrainConfig) -> TrainConfig:
     the plain view only."""
     flat = dict.fromkeys(FLIP_KEYS, 0.0)
     if cfg.rrc_scale == "auto":
-        flat[CROP_KEY] = [1.0, 1.0]
+        flat[CROP_KEY] = list(NO_CROP)
     return dataclasses.replace(
         cfg, **flat, epochs=probe_epochs(cfg.epochs), tta=["none"], epoch_choice="last", patience=0
     )
@@ -111,12 +112,12 @@ def decide_crops(losses: dict[str, float], prior_loss: float) -> list[float]:
     plain loop would train)."""
     learned = prior_loss - losses["none"]
     if learned < MIN_LEARNED * prior_loss:
-        return [1.0, 1.0]
+        return list(NO_CROP)
     for area in CROP_AREAS:
         lost = np.mean([losses[v] for v in crop_views(area)]) - losses["none"]
         if lost <= (1 - CROP_KEEP) * learned:
             return [area, 1.0]
-    return [1.0, 1.0]
+    return list(NO_CROP)
 
 
 def prior_log_loss(labels: np.ndarray, train_labels: np.ndarray, n_classes: int) -> float:
@@ -135,7 +136,7 @@ def resolve_augmentation(
     if not auto:
         return cfg
     if not hasattr(family, "load_view_predictor"):  # families without training flips or crops (vlm, probe)
-        return dataclasses.replace(cfg, **{k: [1.0, 1.0] if k == CROP_KEY else 0.0 for k in auto})
+        return dataclasses.replace(cfg, **{k: list(NO_CROP) if k == CROP_KEY else 0.0 for k in auto})
     decision = _decision(cfg, auto, family, folds, Path(run_dir), Path(root), n_folds)
     return dataclasses.replace(cfg, **{key: decision[key] for key in auto})
 
