@@ -1,9 +1,10 @@
 """The GPU check: run before resolving anything that touches a GPU path (CI has no GPU).
 
 On the demo's real elpv photos, through kit's own CLI as a user runs it: folds; timm with the device
-pipeline, compile, EMA and mixup; a SIGKILL mid-fold and the resume, against an uninterrupted twin; the tiny
-VLM head; the probe; an ensemble; submit; `kit bundle --format dacon`; the bundle's `infer.py --device cuda`
-and its parity with `kit submit`. One verdict line per check, then a summary; exit code = failures.
+pipeline, compile, EMA and mixup; a SIGKILL mid-fold and the resume, against an uninterrupted twin; a
+`--model` run whose flips and crops the probe decides; the tiny VLM head; the probe; an ensemble; submit;
+`kit bundle --format dacon`; the bundle's `infer.py --device cuda` and its parity with `kit submit`. One
+verdict line per check, then a summary; exit code = failures.
 
     make gpu-check                      # = python bench/gpu_check.py --work /tmp/kit-gpu-check
     python bench/gpu_check.py --limit 600   # a subset of the photos, faster
@@ -82,6 +83,7 @@ def run_checks(root: Path, limit: int | None, skip: tuple[str, ...] = ()) -> Che
     if "compile" not in skip:
         check_compile(root, check)
     check_resume(root, check, kill="resume" not in skip)
+    check_augmentation_probe(root, check)
     check_families_and_bundle(root, data, check)
     return check
 
@@ -131,6 +133,35 @@ def check_resume(root: Path, check: Check, kill: bool = True) -> None:
             f"twin {diff:.2e}, CV gap {gap:.2e} (tolerance 1e-3: bf16, deterministic kernels)"
         )
     check("SIGKILL mid-fold + resume (fused AdamW, channels_last, EMA)", ok, detail)
+
+
+def check_augmentation_probe(root: Path, check: Check) -> None:
+    """`--model` with no preset: flips and crops `auto`, decided by the probe on CUDA (its crop views are
+    sliced and resized on the GPU before the graphed forward), recorded in config.json; one fold trains."""
+    from kit.infer.timm_predict import crop_views
+    from kit.train.symmetry import CROP_AREAS
+
+    args = ["--model", "efficientnet_lite0", "--set", "pretrained=package:efficientnet_lite0", "--set", "img_size=224"]
+    args += ["--set", "batch_size=64", "--set", "epochs=3", "--set", "tta=[none]", "--set", "name=gc_auto"]
+    done, seconds = kit(root, "train", *args, "--fold", "0")
+    run = root / "runs" / "gc_auto"
+    detail, ok = last_line(done), False
+    if done.returncode == 0 and (run / "symmetry.json").is_file():
+        probe = json.loads((run / "symmetry.json").read_text())
+        config = json.loads((run / "config.json").read_text())
+        decided = probe["decision"]
+        losses = {area: [probe["views_log_loss"].get(v) for v in crop_views(area)] for area in CROP_AREAS}
+        ok = (  # every crop view scored, and what the probe decided is what the run trained with
+            all(loss is not None and np.isfinite(loss) for area in losses.values() for loss in area)
+            and config["rrc_scale"] == decided["rrc_scale"]
+            and all(config[k] == decided[k] for k in ("hflip", "vflip", "rot90"))
+        )
+        # the share of what the probe learned that each area's five crops keep (None: it learned nothing)
+        kept = {area: [probe["kept_share"].get(v) for v in crop_views(area)] for area in CROP_AREAS}
+        learned = all(None not in area for area in kept.values())
+        shares = ", ".join(f"{a:g} {np.mean(k):.2f}" for a, k in kept.items()) if learned else "none (learned nothing)"
+        detail = f"{seconds:.1f} s (probe {probe['seconds']:.0f} s): {decided}; the crops' kept share by area {shares}"
+    check("flips and crops decided by the probe (--model, all auto)", ok, detail)
 
 
 def check_families_and_bundle(root: Path, data, check: Check) -> None:

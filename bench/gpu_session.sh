@@ -51,7 +51,9 @@ for step in "$@"; do
             (cd /tmp/demo && tar czf "$OUT/demo_oof.tgz" folds runs/*/oof.npz runs/*/*.json ensembles/*/oof.npz ensembles/*/recipe.json); (exit $rc) ;;
         # shellcheck disable=SC2086  # SWEEP is a list of variant names
         sweep) python bench/demo_sweep.py --root /tmp/sweep --parallel "${SWEEP_PARALLEL:-4}" \
-            --budget "${SWEEP_BUDGET:-330}" --out "$OUT/sweep.json" ${SWEEP:+--only $SWEEP} ;;
+            --budget "${SWEEP_BUDGET:-330}" --out "$OUT/sweep.json" ${SWEEP:+--only $SWEEP}; rc=$?
+            # the variants' OOF too: paired comparisons over the same rows (bench/oof_breakdown.py)
+            (cd /tmp/sweep && tar czf "$OUT/sweep_oof.tgz" folds runs/*/oof.npz runs/*/*.json); (exit $rc) ;;
     esac > "$OUT/$step.txt" 2>&1
     echo "$step: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/steps.txt"
     tail -3 "$OUT/$step.txt"
