@@ -175,9 +175,9 @@ def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: 
         record["rows_share"] = round(share, 4)
         record["seconds"] = round(time.perf_counter() - start, 1)
         write_json(path, {**record, "recipe": recipe})
-        decided = ", ".join(_said(k, v) for k, v in record["decision"].items())
+        decided = ", ".join(_said(k, v) for k, v in record["decision"].items() if k in auto)  # not the fixed ones
         took = f"{record['probe_epochs']}-epoch probe run ({record['seconds']:.0f} s)"
-        what = "flips and crops" if CROP_KEY in auto else "flips"
+        what = " and ".join(w for w, on in (("flips", set(auto) - {CROP_KEY}), ("crops", CROP_KEY in auto)) if on)
         print(f"kit: {what} from a {took}: {decided}", file=sys.stderr)
         shutil.rmtree(probe_dir, ignore_errors=True)
     return record["decision"]
