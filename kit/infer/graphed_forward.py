@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import time
 import weakref
-from collections.abc import Callable
-from typing import TypeVar
 
 import torch
 
@@ -29,7 +27,6 @@ from kit.train.runtime import autocast
 LAUNCH_BOUND = 0.5  # host launch time / GPU time of an eager call at or above which replaying may pay
 RAN_ON_BOUND = 0.25  # how long the GPU ran on after the last launch / its time, at or below which it does
 TIMED_CALL, CAPTURE_CALL = 1, 2  # call 0 pays cuDNN's planning; call 1 is timed; call 2 is captured
-T = TypeVar("T")
 
 
 def launch_bound(launched: float, ran_on: float, gpu: float) -> bool:
@@ -42,20 +39,6 @@ def launch_bound(launched: float, ran_on: float, gpu: float) -> bool:
     convnext_base at 384 px, batch 128 for 0.53 of 243 ms and ran on 116 ms (GPU-bound: a graph gains nothing
     and pins a second copy of its activations)."""
     return launched >= LAUNCH_BOUND * gpu and ran_on <= RAN_ON_BOUND * gpu
-
-
-def timed_call(call: Callable[[], T]) -> tuple[T, float, float, float]:
-    """call() on the current CUDA stream, timed as `launch_bound` reads it: (its result, the host's seconds
-    launching it, the seconds the GPU ran on after the last launch, the GPU's seconds). It waits for the GPU."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    tick = time.perf_counter()
-    result = call()
-    launched = time.perf_counter() - tick
-    end.record()
-    end.synchronize()
-    ran_on = time.perf_counter() - tick - launched
-    return result, launched, ran_on, max(start.elapsed_time(end) / 1e3, 1e-9)
 
 
 class _Forward:
@@ -98,8 +81,16 @@ def forward(
     state.calls += 1
     if not timed:
         return _eager(model, x, precision)
-    torch.cuda.synchronize(x.device)  # the GPU idle when the timing starts: its time is this forward's alone
-    logits, launched, ran_on, gpu = timed_call(lambda: _eager(model, x, precision))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(x.device)
+    start.record()
+    tick = time.perf_counter()
+    logits = _eager(model, x, precision)
+    launched = time.perf_counter() - tick
+    end.record()
+    end.synchronize()
+    ran_on = time.perf_counter() - tick - launched
+    gpu = max(start.elapsed_time(end) / 1e3, 1e-9)
     state.launch_ratio, state.bound = launched / gpu, launch_bound(launched, ran_on, gpu)
     return logits
 

@@ -21,6 +21,7 @@ activations.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -29,7 +30,7 @@ import torch
 # when step 1 was launch-bound
 from kit.infer.graphed_forward import CAPTURE_CALL as CAPTURE_STEP
 from kit.infer.graphed_forward import TIMED_CALL as TIMED_STEP
-from kit.infer.graphed_forward import launch_bound, timed_call
+from kit.infer.graphed_forward import launch_bound
 
 
 class GraphedStep:
@@ -85,7 +86,18 @@ class GraphedStep:
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             if timed:
-                loss, launched, left, gpu = timed_call(lambda: self._forward_backward(x, y))
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                tick = time.perf_counter()
+            with self.autocast_fn():
+                loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            if timed:
+                launched = time.perf_counter() - tick
+                end.record()
+                end.synchronize()
+                left = time.perf_counter() - tick - launched
+                gpu = max(start.elapsed_time(end) / 1e3, 1e-9)
                 self.launch_ratio, self.bound = launched / gpu, launch_bound(launched, left, gpu)
                 # `left`: how long the GPU ran on after the last launch (near 0 when it waited on the host;
                 # a large step whose launches blocked on a full queue leaves a good part)
@@ -93,16 +105,8 @@ class GraphedStep:
                     f"launching took {self.launch_ratio:.2f} of the GPU's {gpu * 1e3:.0f} ms step, "
                     f"which ran {left * 1e3:.0f} ms on after it"
                 )
-            else:
-                loss = self._forward_backward(x, y)
         torch.cuda.current_stream().wait_stream(self.stream)
         self.steps += 1
-        return loss
-
-    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with self.autocast_fn():
-            loss = self.loss_fn(self.model(x), y)
-        loss.backward()
         return loss
 
     def _capture(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
