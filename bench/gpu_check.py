@@ -139,7 +139,7 @@ def check_augmentation_probe(root: Path, check: Check) -> None:
     """`--model` with no preset: flips and crops `auto`, decided by the probe on CUDA (its crop views are
     sliced and resized on the GPU before the graphed forward), recorded in config.json; one fold trains."""
     from kit.infer.timm_predict import crop_views
-    from kit.train.symmetry import CROP_AREAS
+    from kit.train.symmetry import CROP_AREAS, CROP_KEY, FLIP_KEYS
 
     args = ["--model", "efficientnet_lite0", "--set", "pretrained=package:efficientnet_lite0", "--set", "img_size=224"]
     args += ["--set", "batch_size=64", "--set", "epochs=3", "--set", "tta=[none]", "--set", "name=gc_auto"]
@@ -150,15 +150,14 @@ def check_augmentation_probe(root: Path, check: Check) -> None:
         probe = json.loads((run / "symmetry.json").read_text())
         config = json.loads((run / "config.json").read_text())
         decided = probe["decision"]
-        losses = {area: [probe["views_log_loss"].get(v) for v in crop_views(area)] for area in CROP_AREAS}
+        crops = {area: crop_views(area) for area in CROP_AREAS}
         ok = (  # every crop view scored, and what the probe decided is what the run trained with
-            all(loss is not None and np.isfinite(loss) for area in losses.values() for loss in area)
-            and config["rrc_scale"] == decided["rrc_scale"]
-            and all(config[k] == decided[k] for k in ("hflip", "vflip", "rot90"))
+            all(np.isfinite(probe["views_log_loss"].get(v, np.nan)) for views in crops.values() for v in views)
+            and all(config[k] == decided[k] for k in (*FLIP_KEYS, CROP_KEY))
         )
         # the share of what the probe learned that each area's five crops keep (None: it learned nothing)
-        kept = {area: [probe["kept_share"].get(v) for v in crop_views(area)] for area in CROP_AREAS}
-        learned = all(None not in area for area in kept.values())
+        kept = {area: [probe["kept_share"].get(v) for v in views] for area, views in crops.items()}
+        learned = all(None not in shares for shares in kept.values())
         shares = ", ".join(f"{a:g} {np.mean(k):.2f}" for a, k in kept.items()) if learned else "none (learned nothing)"
         detail = f"{seconds:.1f} s (probe {probe['seconds']:.0f} s): {decided}; the crops' kept share by area {shares}"
     check("flips and crops decided by the probe (--model, all auto)", ok, detail)

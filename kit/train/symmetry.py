@@ -177,7 +177,7 @@ def _decision(cfg: TrainConfig, auto: list[str], family, folds: Folds, run_dir: 
         write_json(path, {**record, "recipe": recipe})
         decided = ", ".join(_said(k, v) for k, v in record["decision"].items() if k in auto)  # not the fixed ones
         took = f"{record['probe_epochs']}-epoch probe run ({record['seconds']:.0f} s)"
-        what = " and ".join(w for w, on in (("flips", set(auto) - {CROP_KEY}), ("crops", CROP_KEY in auto)) if on)
+        what = " and ".join(["flips"] * any(k in FLIP_KEYS for k in auto) + ["crops"] * (CROP_KEY in auto))
         print(f"kit: {what} from a {took}: {decided}", file=sys.stderr)
         shutil.rmtree(probe_dir, ignore_errors=True)
     return record["decision"]
